@@ -1,0 +1,1 @@
+"""quantbench: what quantization costs a language model, measured cell by cell."""

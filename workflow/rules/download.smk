@@ -1,0 +1,18 @@
+rule download_model:
+    output:
+        directory(f"{RESOURCES}/models/{{model}}/hf"),
+    params:
+        spec=lambda w: json.dumps(config["models"][w.model]),
+    log:
+        "results/logs/download/{model}.log",
+    benchmark:
+        "results/benchmarks/download/{model}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=8000,
+    shell:
+        "{QB} fetch-model --name {wildcards.model} --spec {params.spec:q} "
+        "--out {output} --cache {RESOURCES}/cache > {log} 2>&1"
