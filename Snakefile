@@ -1,11 +1,12 @@
 # quantbench: models x quantization methods x variants -> one table of measured costs.
-# Run:  snakemake --cores 8 --resources gpu=1     (workflow/profiles/default is picked up)
+# Run:  snakemake --cores 8 --resources gpu=1   (or --workflow-profile workflow/profiles/default)
 import json
 import re
 import shlex
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -13,15 +14,20 @@ min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from quantbench import config as qbconfig, gguf as qbgguf, textdata
 
-configfile: "config.yaml"
+# The default matrix, unless --configfile names another (then only that one: no silent merge).
+if not workflow.overwrite_configfiles:
+    configfile: str(Path(workflow.basedir) / "config.yaml")
 
 qbconfig.validate(config)  # schema + cross-field checks, before any job
 CELLS = qbconfig.cells(config)
 RESOURCES = "resources"
 TEXT = textdata.describe_text(config["eval"]["text"], RESOURCES)
-# Rules call the package through the environment's own python (a venv, or the rule's conda env).
-QB = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'workflow'))} python -m quantbench"
-
+# Jobs run `python -m quantbench STAGE` with the package on PYTHONPATH, in the rule's conda env
+# under --sdm conda, else with the python that runs Snakemake (so a venv needs no activation).
+PACKAGE_DIR = shlex.quote(str(Path(workflow.basedir) / "workflow"))
+USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PYTHON_DIR = "" if USE_CONDA else f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+shell.prefix(f"{PYTHON_DIR}export PYTHONPATH={PACKAGE_DIR}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"

@@ -111,13 +111,16 @@ def _check_architecture(config: dict, method: str, model: str) -> None:
         return  # checked again by the job itself once the model is downloaded
     hf_config = json.loads((Path(spec["path"]).expanduser() / "config.json").read_text())
     if method == "gguf":
-        hidden = hf_config.get("hidden_size")
+        # A k-quant block spans 256 weights of a row; llama.cpp quietly falls back to a legacy type for
+        # rows of another length. Where no matrix fits, the cell would not be the k-quant it is named.
+        widths = [hf_config.get("hidden_size"), hf_config.get("intermediate_size")]
         k_quants = [variant_name(v) for v in config["methods"][method]["variants"] if "_K" in gguf_type(v)]
-        if hidden and k_quants and hidden % K_QUANT_BLOCK:
+        if k_quants and all(w and w % K_QUANT_BLOCK for w in widths):
             raise ConfigError(
-                f"methods.gguf.variants",
-                f"{k_quants} need hidden_size divisible by {K_QUANT_BLOCK}, but model '{model}' has {hidden}; "
-                "llama.cpp would silently use other types. Use Q4_0/Q5_0/Q8_0 or restrict methods.gguf.models",
+                "methods.gguf.variants",
+                f"{k_quants} need rows divisible by {K_QUANT_BLOCK}, but model '{model}' has hidden_size "
+                f"{widths[0]} and intermediate_size {widths[1]}: llama.cpp would store every matrix in a fallback "
+                "type. Use Q4_0/Q5_0/Q8_0, or restrict methods.gguf.models",
             )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,11 +103,9 @@ def _dequantize(gguf_file: Path, staging: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # transformers wants a directory + file name; a symlink keeps the GGUF where it is.
-        (Path(tmp) / gguf_file.name).symlink_to(gguf_file)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name, dtype=getattr(torch, dtype))
+    where, name = str(gguf_file.parent), gguf_file.name  # transformers wants a directory + file name
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=getattr(torch, dtype))
     # The weights are plain tensors now; drop the GGUF marker so the checkpoint saves as a normal one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -12,7 +12,7 @@ rule fetch_eval_text:
         gpu=0,
         mem_mb=4000,
     shell:
-        "{QB} fetch-text --out {output} > {log} 2>&1"
+        "python -m quantbench fetch-text --out {output} > {log} 2>&1"
 
 
 rule tokenize_eval_text:
@@ -36,4 +36,4 @@ rule tokenize_eval_text:
         gpu=0,
         mem_mb=4000,
     shell:
-        "{QB} tokenize --text {params.text:q} --hf {input.hf} --ids {output.ids} --meta {output.meta} > {log} 2>&1"
+        "python -m quantbench tokenize --text {params.text:q} --hf {input.hf} --ids {output.ids} --meta {output.meta} > {log} 2>&1"

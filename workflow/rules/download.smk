@@ -3,6 +3,7 @@ rule download_model:
         directory(f"{RESOURCES}/models/{{model}}/hf"),
     params:
         spec=lambda w: json.dumps(config["models"][w.model]),
+        cache=f"{RESOURCES}/cache",
     log:
         "results/logs/download/{model}.log",
     benchmark:
@@ -14,5 +15,5 @@ rule download_model:
         gpu=0,
         mem_mb=8000,
     shell:
-        "{QB} fetch-model --name {wildcards.model} --spec {params.spec:q} "
-        "--out {output} --cache {RESOURCES}/cache > {log} 2>&1"
+        "python -m quantbench fetch-model --name {wildcards.model} --spec {params.spec:q} "
+        "--out {output} --cache {params.cache} > {log} 2>&1"

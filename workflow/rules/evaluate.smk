@@ -23,7 +23,7 @@ rule evaluate_baseline:
         gpu=1,
         mem_mb=16000,
     shell:
-        "{QB} eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
+        "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -50,5 +50,5 @@ rule evaluate_gguf:
         gpu=1,
         mem_mb=8000,
     shell:
-        "{QB} eval --cell {params.cell:q} --gguf {input.gguf} --quant-info {input.info} --tokens {input.ids} "
+        "python -m quantbench eval --cell {params.cell:q} --gguf {input.gguf} --quant-info {input.info} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule fetch_gguf_converter:
         gpu=0,
         mem_mb=2000,
     shell:
-        "{QB} fetch-converter --out $(dirname {output}) > {log} 2>&1"
+        "python -m quantbench fetch-converter --out $(dirname {output}) > {log} 2>&1"
 
 
 rule gguf_convert:
@@ -37,7 +37,7 @@ rule gguf_convert:
         gpu=0,
         mem_mb=16000,
     shell:
-        "{QB} convert --hf {input.hf} --converter {input.converter} --out {output} > {log} 2>&1"
+        "python -m quantbench convert --hf {input.hf} --converter {input.converter} --out {output} > {log} 2>&1"
 
 
 rule gguf_quantize:
@@ -59,5 +59,5 @@ rule gguf_quantize:
         gpu=0,
         mem_mb=8000,
     shell:
-        "{QB} quantize --src {input} --dst {output.gguf} --type {params.type} "
+        "python -m quantbench quantize --src {input} --dst {output.gguf} --type {params.type} "
         "--threads {threads} --info {output.info} > {log} 2>&1"

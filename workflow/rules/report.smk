@@ -18,4 +18,4 @@ rule report:
         gpu=0,
         mem_mb=2000,
     shell:
-        "{QB} report --models {params.models:q} --out-dir $(dirname {output.csv}) {input} > {log} 2>&1"
+        "python -m quantbench report --models {params.models:q} --out-dir $(dirname {output.csv}) {input} > {log} 2>&1"

@@ -1,0 +1,71 @@
+"""Session fixtures: a tiny real model, llama.cpp's converter, and a way to run the workflow."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "workflow"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tinymodel  # noqa: E402
+from quantbench import gguf  # noqa: E402
+
+HELD_OUT_MODULES = ["email", "http", "html", "urllib", "zipfile", "tarfile", "shutil", "tempfile",
+                    "os", "io", "enum", "typing", "dataclasses", "contextlib", "inspect", "ast"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """A trained tiny Llama (HF dir), a held-out evaluation text, and the same model as a Q8_0 GGUF."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = tinymodel.build(root / "model")
+    text = root / "eval.txt"
+    text.write_text(tinymodel.corpus(HELD_OUT_MODULES))  # text the model never saw in training
+    return {"hf": model, "text": text, "root": root}
+
+
+@pytest.fixture(scope="session")
+def converter(tmp_path_factory) -> Path:
+    """llama.cpp's converter, fetched once per session from the pinned sdist."""
+    tools = tmp_path_factory.mktemp("tools") / f"llama.cpp-{gguf.LLAMA_CPP_PYTHON_PIN}"
+    return gguf.fetch_converter(tools).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny, converter) -> Path:
+    out = tiny["root"] / "tiny.Q8_0.gguf"
+    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(tiny["hf"]),
+                    "--outtype", "q8_0", "--outfile", str(out)], check=True, capture_output=True)
+    return out
+
+
+def write_config(workdir: Path, config: dict) -> Path:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, config: Path | None = None, env: dict | None = None,
+              timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run the real workflow in `workdir` (results/ and resources/ land there)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--cores", "2", "--resources", "gpu=1", *args]
+    if config is not None:
+        cmd += ["--configfile", str(config)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def share_tools(workdir: Path, converter: Path) -> None:
+    """Reuse the session's converter instead of fetching it again for every workflow run."""
+    tools = workdir / "resources" / "tools"
+    tools.mkdir(parents=True, exist_ok=True)
+    if not (tools / converter.name).exists():
+        shutil.copytree(converter, tools / converter.name)

@@ -1,0 +1,127 @@
+"""The schema and the cross-field checks reject bad configs by key; the matrix expands as declared."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from conftest import REPO
+from snakemake.exceptions import WorkflowError
+
+from quantbench import config as qc
+
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fresh():
+    return copy.deepcopy(DEFAULT)
+
+
+def test_default_config_expands_to_baseline_plus_six_gguf_cells():
+    cfg = qc.validate(fresh())
+    assert [(c.model, c.method, c.variant) for c in qc.cells(cfg)] == [
+        ("smollm2-135m", "baseline", "fp16"),
+        *[("smollm2-135m", "gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]],
+    ]
+    # defaults from the schema are filled in
+    assert cfg["models"]["smollm2-135m"]["allow_pickle"] is False
+    assert cfg["eval"]["batch_size"] == 1
+
+
+def test_methods_can_be_restricted_to_some_models():
+    cfg = fresh()
+    cfg["models"]["other"] = {"source": "hf", "repo": "org/name", "revision": SHA}
+    cfg["methods"]["gguf"]["models"] = ["other"]
+    cells = qc.cells(qc.validate(cfg))
+    assert {(c.model, c.method) for c in cells} == {("smollm2-135m", "baseline"), ("other", "baseline"), ("other", "gguf")}
+    assert qc.find_cell(cfg, "other", "gguf", "Q4_K_M").params == {"type": "Q4_K_M"}
+
+
+def test_variant_objects_name_a_gguf_type():
+    cfg = fresh()
+    cfg["methods"]["gguf"]["variants"] = [{"name": "q4km", "type": "Q4_K_M"}]
+    cell = qc.cells(qc.validate(cfg))[-1]
+    assert (cell.variant, cell.params["type"], cell.bits) == ("q4km", "Q4_K_M", 4)
+
+
+def _hf(**extra):
+    return {"source": "hf", "repo": "org/name", "revision": SHA, **extra}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["models"].update(x={"source": "hf", "repo": "org/name"}), "'revision' is a required property"),
+    (lambda c: c["models"].update(x=_hf(revision="main")), "does not match"),
+    (lambda c: c["models"].update(x={"source": "nowhere"}), "'nowhere' is not one of"),
+    (lambda c: c["models"]["smollm2-135m"].update(path="/x.gguf"), "smollm2-135m"),
+    (lambda c: c["methods"].update(foo={"variants": ["a"]}), "'foo' is not one of"),
+    (lambda c: c["eval"].update(protocol="lm-eval"), "'lm-eval' is not one of"),
+    (lambda c: c["eval"].update(context=8), "8 is less than the minimum"),
+    (lambda c: c.update(extra=1), "Additional properties are not allowed ('extra'"),
+])
+def test_schema_rejects(mutate, message):
+    cfg = fresh()
+    mutate(cfg)
+    with pytest.raises(WorkflowError, match="Error validating config") as err:
+        qc.validate(cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("mutate, key, message", [
+    (lambda c: c["methods"]["gguf"]["variants"].insert(1, "Q4_K_X"),
+     "methods.gguf.variants[1]", "'Q4_K_X' is not a llama.cpp quantization type"),
+    (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[6]", "listed twice"),
+    (lambda c: c["methods"]["gguf"].update(models=["nope"]), "methods.gguf.models[0]", "unknown model 'nope'"),
+    (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "Q4_0", "imatrix": True}),
+     "methods.gguf.variants[6]", "unknown gguf variant keys ['imatrix']"),
+    (lambda c: c["eval"].update(text={"text_file": "/no/such.txt"}), "eval.text.text_file", "does not exist"),
+    (lambda c: c["eval"].update(protocol="llamacpp", context=511), "eval.context", "even context"),
+    (lambda c: c["models"].update(x={"source": "gguf", "path": "/no/such.gguf"}), "models.x.path", "does not exist"),
+    (lambda c: c["models"].update(x={"source": "path", "path": "/no/such/dir"}), "models.x.path", "no config.json"),
+])
+def test_cross_field_checks_name_the_key(mutate, key, message):
+    cfg = fresh()
+    mutate(cfg)
+    with pytest.raises(qc.ConfigError) as err:
+        qc.validate(cfg)
+    assert err.value.key == key
+    assert message in str(err.value)
+
+
+def test_k_quants_on_a_model_whose_rows_are_not_multiples_of_256(tmp_path):
+    hf_config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 176}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    cfg = fresh()
+    cfg["models"] = {"small": {"source": "path", "path": str(tmp_path)}}
+    with pytest.raises(qc.ConfigError, match="divisible by 256, but model 'small' has hidden_size 64") as err:
+        qc.validate(cfg)
+    assert err.value.key == "methods.gguf.variants"
+    cfg["methods"]["gguf"]["variants"] = ["Q4_0", "Q8_0"]  # legacy types have 32-wide blocks: fine
+    assert len(qc.cells(qc.validate(cfg))) == 3
+    # SmolLM2's shape: 576-wide rows fall back, 1536-wide rows are k-quantized; the report shows the mix
+    (tmp_path / "config.json").write_text(json.dumps(hf_config | {"hidden_size": 576, "intermediate_size": 1536}))
+    cfg["methods"]["gguf"]["variants"] = ["Q4_K_M"]
+    assert len(qc.cells(qc.validate(cfg))) == 2
+
+
+def test_pins_agree_between_pyproject_and_conda_envs():
+    import tomllib
+
+    from quantbench import gguf
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for req in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+        if "==" in req:
+            name, version = req.split("==")
+            pins[name] = version
+    assert pins["llama-cpp-python"] == gguf.LLAMA_CPP_PYTHON_PIN
+    for env in (REPO / "envs").glob("*.yaml"):
+        spec = yaml.safe_load(env.read_text())
+        pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
+        for req in pip:
+            req = req.split("#")[0].strip()
+            if "==" in req:
+                name, version = req.split("==")
+                assert pins.get(name) == version, f"{env.name}: {req} disagrees with pyproject.toml"

@@ -1,0 +1,125 @@
+"""The real workflow, end to end, on a tiny model built in this session."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from conftest import REPO, share_tools, snakemake, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_dry_run_of_the_default_config_shows_the_whole_dag(tmp_path):
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode == 0, run.stderr
+    counts = dict(line.split()[:2] for line in run.stdout.splitlines()
+                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    assert counts["download_model"] == "1"
+    assert counts["gguf_convert"] == "1"
+    assert counts["gguf_quantize"] == "6"
+    assert counts["evaluate_gguf"] == "6"
+    assert counts["evaluate_baseline"] == "1"
+    assert counts["report"] == "1"
+
+
+def test_lint_is_clean():
+    run = snakemake(REPO, "--lint")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Lints for" not in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_a_bad_config_stops_before_any_job_and_keeps_results(tmp_path):
+    done = tmp_path / "results" / "m" / "gguf" / "Q4_K_M" / "metrics.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    cfg = write_config(tmp_path, {
+        "models": {"m": {"source": "hf", "repo": "org/name", "revision": "0" * 40}},
+        "methods": {"gguf": {"variants": ["Q4_K_M", "Q9_K"]}},
+        "eval": {"text": {"dataset": "wikitext-2-raw-v1"}},
+    })
+    run = snakemake(tmp_path, config=cfg)
+    assert run.returncode != 0
+    assert "config key 'methods.gguf.variants[1]': 'Q9_K' is not a llama.cpp quantization type" in run.stderr
+    assert done.read_text() == "{}"
+    assert [p for p in (tmp_path / "results").rglob("*") if p.is_file()] == [done]  # no job ran
+
+
+def test_no_text_and_no_network_stops_at_once(tmp_path, tiny):
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {"gguf": {"variants": ["Q8_0"]}},
+        "eval": {"text": {"dataset": "wikitext-2-raw-v1"}},
+    })
+    run = snakemake(tmp_path, config=cfg, env={"HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    assert "quantbench import-wikitext DIR" in run.stdout + run.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny, tiny_gguf, converter):
+    """path and gguf sources -> convert -> k-quants -> evaluate -> summary, for real."""
+    work = tmp_path_factory.mktemp("run")
+    share_tools(work, converter)
+    cfg = write_config(work, {
+        "models": {
+            "tiny-path": {"source": "path", "path": str(tiny["hf"])},
+            "tiny-gguf": {"source": "gguf", "path": str(tiny_gguf), "dtype": "float16"},
+        },
+        "methods": {"gguf": {"variants": ["Q4_K_M", "Q6_K", "Q8_0"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128},
+    })
+    run = snakemake(work, config=cfg)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return work
+
+
+def test_summary_has_a_finite_row_per_cell(tiny_run):
+    df = pd.read_csv(tiny_run / "results" / "report" / "summary.csv")
+    assert len(df) == 8
+    assert set(df["status"]) == {"ok"}
+    for col in ["ppl", "ppl_stderr", "size_bytes", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb"]:
+        assert df[col].map(math.isfinite).all(), col
+    assert (tiny_run / "results" / "report" / "summary.md").read_text().count("| tiny-") == 8
+
+
+def test_numbers_behave_like_quantization(tiny_run):
+    df = pd.read_csv(tiny_run / "results" / "report" / "summary.csv").set_index(["model", "variant"])
+    for model in ["tiny-path", "tiny-gguf"]:
+        base = df.loc[(model, "fp16")]
+        q8, q6, q4 = (df.loc[(model, v)] for v in ["Q8_0", "Q6_K", "Q4_K_M"])
+        assert 1 < base["ppl"] < 1280, "a trained model beats the uniform guess over its vocabulary"
+        assert abs(q8["ppl"] - base["ppl"]) / base["ppl"] < 0.01
+        assert q4["size_bytes"] < q6["size_bytes"] < q8["size_bytes"] < base["size_bytes"]
+        assert q4["bits_per_weight"] < q6["bits_per_weight"] < q8["bits_per_weight"] < base["bits_per_weight"] == 16
+        assert q4["ppl"] >= q8["ppl"] * 0.999
+
+
+def test_every_cell_scored_the_same_tokens(tiny_run):
+    for model in ["tiny-path", "tiny-gguf"]:
+        cells = [json.loads(p.read_text()) for p in (tiny_run / "results" / model).glob("*/*/metrics.json")]
+        assert len(cells) == 4
+        protocols = {json.dumps(c["protocol"], sort_keys=True) for c in cells}
+        assert len(protocols) == 1
+        assert {c["n_tokens"] for c in cells} == {cells[0]["protocol"]["n_scored_tokens"]}
+        assert {c["backend"] for c in cells} == {"transformers", "llama.cpp"}
+
+
+def test_provenance_records_every_file(tiny_run, tiny_gguf):
+    for model, source in [("tiny-path", "path"), ("tiny-gguf", "gguf")]:
+        hf = tiny_run / "resources" / "models" / model / "hf"
+        prov = json.loads((hf / "provenance.json").read_text())
+        assert prov["source"] == source
+        assert set(prov["files"]) == {p.name for p in hf.iterdir()} - {"provenance.json", ".snakemake_timestamp"}
+        assert "model.safetensors" in prov["files"]
+    prov = json.loads((tiny_run / "resources" / "models" / "tiny-gguf" / "hf" / "provenance.json").read_text())
+    from quantbench import io
+    assert prov["gguf_sha256"] == io.sha256_file(tiny_gguf)
+
+
+def test_a_second_run_has_nothing_to_do(tiny_run):
+    run = snakemake(tiny_run, "-n", config=tiny_run / "config.yaml")
+    assert run.returncode == 0
+    assert "Nothing to be done" in run.stdout + run.stderr
