@@ -21,12 +21,20 @@ def load(metrics_files: list[str]) -> pd.DataFrame:
         record = io.read_json(path)
         protocol = record.pop("protocol", None) or {}
         versions = record.pop("versions", None) or {}
-        record.pop("tensor_types", None)
+        record["tensor_types"] = _share(record.get("tensor_types"))
         record |= {f"protocol_{k}": v for k, v in protocol.items() if not isinstance(v, dict)}
         record["protocol_tokenizer"] = (protocol.get("tokenizer") or {}).get("class")
         record |= {f"version_{k}": v for k, v in versions.items()}
         rows.append(record)
     return pd.json_normalize(rows, max_level=0)
+
+
+def _share(types: dict | None) -> str | None:
+    """{'Q5_0': 78e6, 'Q8_0': 30e6} -> 'Q5_0 72%, Q8_0 28%': what a GGUF really stores."""
+    if not types:
+        return None
+    total = sum(types.values())
+    return ", ".join(f"{t} {n / total:.0%}" for t, n in types.items() if n / total >= 0.005)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +52,8 @@ def markdown(df: pd.DataFrame, models: dict) -> str:
     shown["method"] = shown["method"].replace({BASELINE: "FP16 (baseline)"})
     shown["size_MB"] = shown["size_bytes"] / 1e6
     cols = ["model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "size_MB",
-            "size_ratio", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb", "quantize_s", "compute_dtype"]
+            "size_ratio", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb", "quantize_s", "compute_dtype",
+            "tensor_types"]
     table = shown[[c for c in cols if c in shown.columns]].to_markdown(index=False, floatfmt=".4g")
     lines = ["# quantbench summary", "", table, ""]
     first = df.iloc[0]
@@ -54,7 +63,9 @@ def markdown(df: pd.DataFrame, models: dict) -> str:
         f"(max_windows={first.get('protocol_max_windows')}; 0 means the whole text), "
         f"text sha256 `{str(first.get('protocol_text_sha256'))[:16]}…`. "
         "ΔPPL % = (ppl − ppl_FP16) / ppl_FP16 × 100; size_ratio = size / FP16 size. "
-        "The FP16 baseline is computed in the dtype named in compute_dtype (fp32 on a CPU).",
+        "The FP16 baseline is computed in the dtype named in compute_dtype (fp32 on a CPU). "
+        "tensor_types: the share of weights a GGUF stores in each type (llama.cpp falls back from a "
+        "k-quant to a legacy type for rows whose length is not a multiple of 256).",
         "",
     ]
     for name, spec in models.items():
