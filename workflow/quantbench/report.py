@@ -1,6 +1,7 @@
 """Aggregate every cell's metrics.json into results/report/summary.{csv,md}."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ def load(metrics_files: list[str]) -> pd.DataFrame:
         record |= {f"protocol_{k}": v for k, v in protocol.items() if not isinstance(v, dict)}
         record["protocol_tokenizer"] = (protocol.get("tokenizer") or {}).get("class")
         record |= {f"version_{k}": v for k, v in versions.items()}
+        record = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in record.items()}
         rows.append(record)
     return pd.json_normalize(rows, max_level=0)
 
