@@ -12,7 +12,7 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from quantbench import config as qbconfig, gguf as qbgguf, textdata
+from quantbench import calibration as qbcalibration, checkpoint as qbcheckpoint, config as qbconfig, gguf as qbgguf, textdata
 
 # The default matrix, unless --configfile names another (then only that one: no silent merge).
 if not workflow.overwrite_configfiles:
@@ -33,6 +33,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/gguf.smk"
+include: "workflow/rules/checkpoint.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

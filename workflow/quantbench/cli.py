@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _fetch_model(a):
@@ -53,19 +54,57 @@ def _eval(a):
     from . import evaluate, gguf, io
 
     cell, eval_spec = json.loads(a.cell), json.loads(a.eval)
-    if a.gguf:
-        artifact = gguf.stats(a.gguf) | (io.read_json(a.quant_info) if a.quant_info else {})
-        scorer = evaluate.LlamaCppScorer(a.gguf, eval_spec["context"], a.threads)
+    method, params = cell["method"], cell["params"]
+
+    def artifact() -> dict:
+        if a.quant_info and (info := io.read_json(a.quant_info)).get("status", "ok") != "ok":
+            raise RuntimeError(f"quantization failed: {info['error']}")
+        extra = io.read_json(a.quant_info) if a.quant_info else {}
+        if a.gguf:
+            return gguf.stats(a.gguf) | extra
+        stats = evaluate.safetensors_stats(a.model_dir)
+        if a.base_dir:  # a packed checkpoint: bits per weight over the unquantized model's parameters
+            n_params = evaluate.safetensors_stats(a.base_dir)["n_params"]
+            stats |= {"n_params": n_params, "bits_per_weight": 8 * stats["stored_bytes"] / n_params}
+        return stats | extra
+
+    def open_scorer():
+        if a.gguf:
+            return evaluate.LlamaCppScorer(a.gguf, eval_spec["context"], a.threads)
+        return evaluate.TransformersScorer.load(method, params, a.model_dir, a.threads)
+
+    record = evaluate.evaluate_cell(cell, open_scorer, artifact, a.tokens, a.tokens_meta, eval_spec, a.threads)
+    io.write_json(a.out, record)
+    where = f"{cell['model']}/{method}/{cell['variant']}"
+    if record["status"] != "ok":
+        print(f"{where}: {record['status']}: {record['error']}", file=sys.stderr)
     else:
-        artifact = evaluate.safetensors_stats(a.model_dir)
-        scorer = evaluate.TransformersScorer(a.model_dir, a.threads)
+        print(f"{where}: ppl {record['ppl']:.4f} ± {record['ppl_stderr']:.4f} over {record['n_tokens']} tokens, "
+              f"{record['eval_tokens_per_s']:.0f} tok/s")
+
+
+def _calibrate(a):
+    from . import calibration
+
+    calibration.build(json.loads(a.spec), a.hf, a.eval_ids, a.ids, a.meta)
+
+
+def _quantize_checkpoint(a):
+    import traceback
+
+    from . import checkpoint, io
+
+    cell = json.loads(a.cell)
     try:
-        record = evaluate.evaluate_cell(cell, scorer, a.tokens, a.tokens_meta, eval_spec, artifact, a.threads, a.out)
-    finally:
-        if hasattr(scorer, "close"):
-            scorer.close()
-    print(f"{cell['model']}/{cell['method']}/{cell['variant']}: ppl {record['ppl']:.4f} "
-          f"± {record['ppl_stderr']:.4f} over {record['n_tokens']} tokens, {record['eval_tokens_per_s']:.0f} tok/s")
+        info = {"status": "ok", **checkpoint.quantize(cell["method"], cell["params"], a.hf, a.calib, a.out,
+                                                       a.threads)}
+    except Exception as exc:  # noqa: BLE001 - recorded; the evaluation turns it into a failed row
+        traceback.print_exc()
+        info = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    if a.calib_meta:
+        info["calibration"] = io.read_json(a.calib_meta)
+    io.write_json(a.info, info)
 
 
 def _report(a):
@@ -124,13 +163,32 @@ def main(argv: list[str] | None = None) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", help="a GGUF file, scored with llama.cpp")
     src.add_argument("--model-dir", help="a HF directory, scored with transformers")
-    p.add_argument("--quant-info")
+    p.add_argument("--quant-info", help="quantize.json of the cell (time, calibration, status)")
+    p.add_argument("--base-dir", help="the unquantized HF dir, for bits per weight of a packed checkpoint")
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokens-meta", required=True)
     p.add_argument("--eval", required=True, help="the config's eval section, as JSON")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("calibrate", help="draw the calibration tokens of the calibration spec")
+    p.add_argument("--spec", required=True, help="the config's calibration section, as JSON")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--eval-ids", required=True)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--meta", required=True)
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("quantize-checkpoint", help="GPTQ / AWQ / RTN through GPTQModel")
+    p.add_argument("--cell", required=True)
+    p.add_argument("--hf", required=True)
+    p.add_argument("--calib")
+    p.add_argument("--calib-meta")
+    p.add_argument("--out", required=True)
+    p.add_argument("--info", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_quantize_checkpoint)
 
     p = sub.add_parser("report", help="aggregate metrics.json files into summary tables")
     p.add_argument("--models", required=True, help="the config's models section, as JSON")

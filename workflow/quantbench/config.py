@@ -23,6 +23,19 @@ GGUF_TYPES = {
 }
 K_QUANT_BLOCK = 256  # k-quants need rows divisible by this, or llama.cpp falls back silently
 
+# Method parameters: default, and the values each method supports.
+GROUPS = {-1, 32, 64, 128}
+PARAMS = {
+    "gptq": {"bits": (4, {2, 3, 4, 8}), "group_size": (128, GROUPS), "desc_act": (False, {False, True}),
+             "sym": (True, {False, True}), "damp": (0.01, "fraction")},
+    "awq": {"bits": (4, {4}), "group_size": (128, {64, 128}), "zero_point": (True, {False, True})},
+    "rtn": {"bits": (4, {2, 3, 4, 8}), "group_size": (128, GROUPS), "sym": (True, {False, True})},
+    "bnb": {"mode": ("nf4", {"int8", "nf4", "fp4"}), "threshold": (6.0, "positive"),
+            "double_quant": (False, {False, True}), "compute_dtype": ("float32", {"float16", "bfloat16", "float32"})},
+    "eetq": {},
+}
+BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
+
 
 class ConfigError(ValueError):
     """A config problem, with the dotted key that causes it."""
@@ -86,6 +99,12 @@ def check(config: dict) -> None:
             CHECKS[method](key, variant)
         for model in spec.get("models") or models:
             _check_architecture(config, method, model)
+    calibration = config.get("calibration", {})
+    if calibration.get("source") == "text_file":
+        if "text_file" not in calibration:
+            raise ConfigError("calibration.text_file", "calibration.source is text_file but no text_file is given")
+        if not Path(calibration["text_file"]).expanduser().is_file():
+            raise ConfigError("calibration.text_file", f"{calibration['text_file']} does not exist")
     text = config["eval"]["text"]
     if "text_file" in text and not Path(text["text_file"]).expanduser().is_file():
         raise ConfigError("eval.text.text_file", f"{text['text_file']} does not exist")
@@ -101,7 +120,38 @@ def _check_gguf_variant(key: str, variant) -> None:
         raise ConfigError(key, f"unknown gguf variant keys {sorted(set(variant) - {'name', 'type'})}")
 
 
-CHECKS = {"gguf": _check_gguf_variant}
+def _check_params(method: str):
+    def check(key: str, variant) -> None:
+        given = {} if isinstance(variant, str) else {k: v for k, v in variant.items() if k != "name"}
+        for name, value in given.items():
+            if name not in PARAMS[method]:
+                raise ConfigError(f"{key}.{name}", f"{method} has no parameter '{name}'; it takes {sorted(PARAMS[method])}")
+            allowed = PARAMS[method][name][1]
+            ok = (0 < value < 1 if allowed == "fraction" else value > 0 if allowed == "positive"
+                  else type(value) is type(next(iter(allowed))) and value in allowed)
+            if not ok:
+                shown = {"fraction": "a number in (0, 1)", "positive": "a positive number"}.get(allowed, sorted(allowed))
+                raise ConfigError(f"{key}.{name}", f"{method} does not support {name}={value!r}; use {shown}")
+    return check
+
+
+CHECKS = {"gguf": _check_gguf_variant, **{m: _check_params(m) for m in PARAMS}}
+
+
+def method_params(method: str, variant) -> dict:
+    """A variant's parameters with the method's defaults filled in."""
+    if method == "gguf":
+        return {"type": gguf_type(variant)}
+    given = {} if isinstance(variant, str) else {k: v for k, v in variant.items() if k != "name"}
+    return {name: given.get(name, default) for name, (default, _) in PARAMS[method].items()}
+
+
+def _bits(method: str, params: dict):
+    if method == "gguf":
+        return GGUF_TYPES.get(params["type"])
+    if method == "bnb":
+        return BNB_BITS[params["mode"]]
+    return 8 if method == "eetq" else params["bits"]
 
 
 def _check_architecture(config: dict, method: str, model: str) -> None:
@@ -138,8 +188,8 @@ def cells(config: dict) -> list[Cell]:
     for method, spec in config["methods"].items():
         for model in spec.get("models") or config["models"]:
             for variant in spec["variants"]:
-                params = {"type": gguf_type(variant)} if method == "gguf" else dict(variant)
-                out.append(Cell(model, method, variant_name(variant), params, bits=GGUF_TYPES.get(params.get("type"))))
+                params = method_params(method, variant)
+                out.append(Cell(model, method, variant_name(variant), params, bits=_bits(method, params)))
     return out
 
 

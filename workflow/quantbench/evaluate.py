@@ -23,22 +23,24 @@ class Window:
     n_scored: int   # the last n_scored tokens of the window are predicted and scored
 
 
-def windows(n_tokens: int, protocol: str, context: int, max_windows: int = 0) -> list[Window]:
-    n = n_tokens // context
-    if n == 0:
-        raise ValueError(f"the evaluation text has {n_tokens} tokens, fewer than one window of {context}")
+def windows(n_tokens: int, protocol: str, context: int, max_windows: int = 0, skip: int = 0) -> list[Window]:
+    """Windows over tokens [skip, n_tokens); the first `skip` are reserved (calibration) and never scored."""
+    n = (n_tokens - skip) // context
+    if n <= 0:
+        raise ValueError(f"the evaluation text has {n_tokens} tokens ({skip} reserved for calibration), "
+                         f"fewer than one window of {context}")
     if protocol == "gptq":  # GPTQ/AWQ eval: non-overlapping windows, every token but the first scored
         n_scored = context - 1
     elif protocol == "llamacpp":  # llama-perplexity: logits of the second half only
         n_scored = context - context // 2 - 1
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
-    out = [Window(i * context, (i + 1) * context, n_scored) for i in range(n)]
+    out = [Window(skip + i * context, skip + (i + 1) * context, n_scored) for i in range(n)]
     return out[:max_windows] if max_windows else out
 
 
-def describe(protocol: str, context: int, max_windows: int, n_tokens: int, tokens_meta: dict) -> dict:
-    wins = windows(n_tokens, protocol, context, max_windows)
+def describe(protocol: str, context: int, max_windows: int, skip: int, n_tokens: int, tokens_meta: dict) -> dict:
+    wins = windows(n_tokens, protocol, context, max_windows, skip)
     return {
         "name": protocol,
         "context": context,
@@ -47,6 +49,7 @@ def describe(protocol: str, context: int, max_windows: int, n_tokens: int, token
         "bos": "as the tokenizer adds it to the whole text; windows are cut from the stream as is",
         "n_windows": len(wins),
         "max_windows": max_windows,
+        "skip_tokens": skip,
         "n_scored_tokens": sum(w.n_scored for w in wins),
         "text": tokens_meta["text"],
         "text_sha256": tokens_meta["text_sha256"],
@@ -87,31 +90,63 @@ def perplexity(scorer, tokens: np.ndarray, wins: list[Window], batch_size: int =
     }
 
 
+class Skipped(Exception):
+    """A cell that cannot run on this machine (e.g. a CUDA-only method without CUDA)."""
+
+
 class TransformersScorer:
     """A Hugging Face causal LM; only the scored suffix goes through the output head."""
 
-    def __init__(self, model_dir: str, threads: int):
+    def __init__(self, model, backend: str = "transformers"):
+        import torch
+
+        self.model = model.eval()
+        self.device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+        self.dtype = model.dtype
+        self.backend = backend
+        self.weight_bytes = model.get_memory_footprint()
+
+    @classmethod
+    def load(cls, method: str, params: dict, model_dir: str, threads: int) -> "TransformersScorer":
+        """The baseline, a GPTQModel checkpoint (gptq/awq/rtn) or a load-time quantization (bnb/eetq)."""
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cuda = torch.cuda.is_available()
+        device = "cuda" if cuda else "cpu"
+        if method in ("gptq", "awq", "rtn"):
+            from gptqmodel import BACKEND, GPTQModel
+
+            # On the CPU GPTQModel's packed-int4 kernels need in_features divisible by the group size;
+            # its plain torch kernel does not, and runs in bf16.
+            kwargs = {} if cuda else {"backend": BACKEND.TORCH, "dtype": torch.bfloat16}
+            return cls(GPTQModel.load(model_dir, device=device, **kwargs).model, backend=f"gptqmodel-{method}")
+        if method == "eetq" and not cuda:
+            raise Skipped("EETQ's int8 kernels need CUDA, and this machine has none")
         # fp16 on a GPU (bf16 where the checkpoint is bf16); fp32 on the CPU, where half matmuls are slow.
-        if self.device == "cuda":
-            self.dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
-        else:
-            self.dtype = torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, device_map=self.device)
-        self.model.eval()
+        dtype = torch.float32
+        if cuda:
+            dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
+        kwargs = {}
+        if method == "bnb":
+            kwargs["quantization_config"] = bnb_config(params)
+        elif method == "eetq":
+            from transformers import EetqConfig
+
+            kwargs["quantization_config"] = EetqConfig("int8")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
+        return cls(model, backend="transformers" if method == "baseline" else f"transformers-{method}")
 
     @property
     def info(self) -> dict:
         import torch
 
         return {
-            "backend": "transformers",
+            "backend": self.backend,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "weight_memory_mb": self.weight_bytes / 2**20,
         }
 
     def logprobs(self, ids: np.ndarray, n_scored: int):
@@ -126,6 +161,17 @@ class TransformersScorer:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+
+
+def bnb_config(params: dict):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if params["mode"] == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=params["threshold"])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params["mode"],
+                              bnb_4bit_use_double_quant=params["double_quant"],
+                              bnb_4bit_compute_dtype=getattr(torch, params["compute_dtype"]))
 
 
 def _checkpoint_dtype(model_dir: str) -> str | None:
@@ -212,31 +258,36 @@ def safetensors_stats(hf_dir: str) -> dict:
             if name != "__metadata__":
                 n_params += math.prod(t["shape"])
                 n_bytes += t["data_offsets"][1] - t["data_offsets"][0]
-    return {"size_bytes": size, "n_params": n_params, "bits_per_weight": 8 * n_bytes / n_params}
+    return {"size_bytes": size, "stored_bytes": n_bytes, "n_params": n_params, "bits_per_weight": 8 * n_bytes / n_params}
 
 
-def evaluate_cell(cell: dict, scorer, tokens_file: str, tokens_meta_file: str, eval_spec: dict,
-                  artifact: dict, threads: int, out: str) -> dict:
-    """Score one cell and write its metrics.json (atomically)."""
+def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_meta_file: str,
+                  eval_spec: dict, threads: int) -> dict:
+    """Score one cell. A cell that cannot run is recorded, not raised: status 'skipped' or 'failed'
+    with the reason, so the rest of the matrix and the report go on."""
+    import traceback
+
     tokens = np.load(tokens_file)
-    meta = io.read_json(tokens_meta_file)
-    protocol = describe(eval_spec["protocol"], eval_spec["context"], eval_spec["max_windows"], tokens.size, meta)
-    wins = windows(tokens.size, eval_spec["protocol"], eval_spec["context"], eval_spec["max_windows"])
-    result = perplexity(scorer, tokens, wins, eval_spec.get("batch_size", 1))
+    spec = [eval_spec["protocol"], eval_spec["context"], eval_spec["max_windows"], eval_spec.get("skip_tokens", 0)]
     record = {
-        **cell,
-        "status": "ok",
-        "error": None,
-        "protocol": protocol,
-        **result,
-        "kl_mean": None,
-        "top1_agree": None,
-        **artifact,
-        "peak_rss_mb": io.peak_rss_mb(),
-        "peak_vram_mb": scorer.peak_vram_mb(),
-        **scorer.info,
+        **cell, "status": "ok", "error": None,
+        "protocol": describe(*spec, tokens.size, io.read_json(tokens_meta_file)),
+        "ppl": None, "ppl_stderr": None, "kl_mean": None, "top1_agree": None,
         "threads": threads,
-        "versions": io.versions("torch", "transformers", "llama-cpp-python", "gguf"),
+        "versions": io.versions("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "bitsandbytes"),
     }
-    io.write_json(out, record)
+    scorer = None
+    try:
+        record |= artifact()
+        scorer = open_scorer()
+        record |= perplexity(scorer, tokens, windows(tokens.size, *spec), eval_spec.get("batch_size", 1))
+        record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": scorer.peak_vram_mb(), **scorer.info}
+    except Skipped as exc:
+        record |= {"status": "skipped", "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any failure of one cell becomes data in its row
+        traceback.print_exc()
+        record |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
     return record

@@ -2,10 +2,23 @@
 wildcard_constraints:
     model="|".join(sorted(map(re.escape, config["models"]))),
     variant=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    checkpoint_method="gptq|awq|rtn",
+    load_time_method="bnb|eetq",
 
 
 def cell_json(model, method, variant):
     return json.dumps(qbconfig.find_cell(config, model, method, variant).record())
 
 
-EVAL_JSON = json.dumps(config["eval"])
+# With eval-holdout calibration, the leading tokens that calibrate GPTQ/AWQ are never scored, in any cell.
+CALIBRATED = any(cell.method in qbcheckpoint.CALIBRATED for cell in CELLS)
+SKIP_TOKENS = qbcalibration.holdout_tokens(config["calibration"]) if CALIBRATED else 0
+EVAL_JSON = json.dumps({**config["eval"], "skip_tokens": SKIP_TOKENS})
+
+
+def checkpoint_inputs(wildcards):
+    inputs = {"hf": rules.download_model.output[0].format(model=wildcards.model)}
+    if wildcards.checkpoint_method in qbcheckpoint.CALIBRATED:
+        inputs |= {"calib": f"results/{wildcards.model}/data/calib_tokens.npy",
+                   "calib_meta": f"results/{wildcards.model}/data/calib_tokens.json"}
+    return inputs

@@ -52,3 +52,29 @@ rule evaluate_gguf:
     shell:
         "python -m quantbench eval --cell {params.cell:q} --gguf {input.gguf} --quant-info {input.info} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule evaluate_load_time:
+    """bitsandbytes and EETQ quantize while loading: no artifact, the evaluation job quantizes."""
+    input:
+        hf=rules.download_model.output[0],
+        ids=rules.tokenize_eval_text.output.ids,
+        meta=rules.tokenize_eval_text.output.meta,
+    output:
+        "results/{model}/{load_time_method}/{variant}/metrics.json",
+    params:
+        cell=lambda w: cell_json(w.model, w.load_time_method, w.variant),
+        eval=EVAL_JSON,
+    log:
+        "results/logs/evaluate/{model}/{load_time_method}-{variant}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{model}/{load_time_method}-{variant}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 8
+    resources:
+        gpu=1,
+        mem_mb=16000,
+    shell:
+        "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
+        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"

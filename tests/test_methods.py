@@ -1,0 +1,79 @@
+"""GPTQ, AWQ, RTN (GPTQModel), bitsandbytes and EETQ cells on the tiny model, for real."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from conftest import snakemake, write_config
+
+pytestmark = pytest.mark.integration
+
+VARIANTS = {
+    "gptq": [{"name": "w4g128", "bits": 4, "group_size": 128}],
+    "awq": [{"name": "w4g128", "bits": 4, "group_size": 128}],
+    "rtn": [{"name": "w4g128", "bits": 4, "group_size": 128}],
+    "bnb": [{"name": "int8", "mode": "int8"}, {"name": "nf4", "mode": "nf4", "double_quant": True}],
+    "eetq": ["int8"],
+}
+
+
+@pytest.fixture(scope="module")
+def methods_run(tmp_path_factory, tiny):
+    work = tmp_path_factory.mktemp("methods")
+    cfg = write_config(work, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {m: {"variants": v} for m, v in VARIANTS.items()},
+        "calibration": {"source": "eval-holdout", "n_samples": 8, "seq_len": 128},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128},
+    })
+    run = snakemake(work, config=cfg)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    df = pd.read_csv(work / "results" / "report" / "summary.csv").set_index(["method", "variant"])
+    return work, df
+
+
+def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
+    _, df = methods_run
+    assert len(df) == 1 + 3 + 2 + 1
+    assert df.loc[("eetq", "int8"), "status"] == "skipped"
+    assert "CUDA" in df.loc[("eetq", "int8"), "error"]
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 6
+    assert ok["ppl"].map(math.isfinite).all()
+    base = df.loc[("baseline", "fp16"), "ppl"]
+    for cell, row in ok.iterrows():
+        assert abs(row["ppl"] - base) / base < 0.2, cell  # 4/8-bit on a tiny model: close to the baseline
+
+
+def test_checkpoints_are_real_and_reload_in_transformers(methods_run):
+    from transformers import AutoModelForCausalLM
+
+    work, df = methods_run
+    for method, fmt in [("gptq", "gptq"), ("awq", "gemm"), ("rtn", "gptq")]:
+        ckpt = work / "results" / "tiny" / method / "w4g128" / "model"
+        qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        assert (qc["bits"], qc["group_size"], qc["format"]) == (4, 128, fmt)
+        if method == "awq":
+            assert qc["quant_method"] == "awq" and qc["zero_point"] is True
+        model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu")
+        assert "Linear" in type(model.model.layers[0].mlp.down_proj).__name__
+        row = df.loc[(method, "w4g128")]
+        assert 4 < row["bits_per_weight"] < 16  # packed 4-bit + scales; embeddings and head stay fp16
+        assert row["size_bytes"] < df.loc[("baseline", "fp16"), "size_bytes"]
+
+
+def test_calibration_is_recorded_and_never_scored(methods_run):
+    work, df = methods_run
+    cells = {p.parent.parent.name: json.loads(p.read_text()) for p in (work / "results" / "tiny").glob("*/*/metrics.json")}
+    assert {c["protocol"]["skip_tokens"] for c in cells.values()} == {8 * 128}
+    info = json.loads((work / "results" / "tiny" / "gptq" / "w4g128" / "quantize.json").read_text())
+    assert info["calibration"]["source"] == "eval-holdout" and info["calibration"]["n_tokens"] == 1024
+    assert info["quantize_s"] > 0
+
+
+def test_bnb_reports_its_in_memory_footprint(methods_run):
+    _, df = methods_run
+    base = df.loc[("baseline", "fp16"), "weight_memory_mb"]
+    assert df.loc[("bnb", "nf4"), "weight_memory_mb"] < df.loc[("bnb", "int8"), "weight_memory_mb"] < base

@@ -1,0 +1,75 @@
+"""GPTQ, AWQ and RTN checkpoints through GPTQModel (the maintained successor of
+AutoGPTQ and AutoAWQ). RTN uses the same packing and kernels as GPTQ, so the two
+differ only in how the weights were rounded — the baseline the GPTQ and AWQ papers
+compare against.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+
+CALIBRATED = {"gptq", "awq"}
+
+
+def quantize_config(method: str, params: dict):
+    from gptqmodel import AWQConfig, GPTQConfig, RTNConfig
+
+    if method == "gptq":
+        return GPTQConfig(bits=params["bits"], group_size=params["group_size"], desc_act=params["desc_act"],
+                          sym=params["sym"], damp_percent=params["damp"])
+    if method == "awq":  # GEMM layout with zero points: what transformers and vLLM's "awq" load
+        return AWQConfig(bits=params["bits"], group_size=params["group_size"], sym=not params["zero_point"])
+    if method == "rtn":
+        return RTNConfig(bits=params["bits"], group_size=params["group_size"], sym=params["sym"])
+    raise ValueError(f"no GPTQModel method {method!r}")
+
+
+@contextlib.contextmanager
+def _scratch_cwd():
+    """GPTQModel writes ./logs; keep it out of the workflow's directory."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(here)
+
+
+def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_dir: str, threads: int) -> dict:
+    import torch
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(threads))
+    torch.set_num_threads(threads)
+    from gptqmodel import BACKEND, GPTQModel
+
+    hf_dir, out_dir = str(Path(hf_dir).resolve()), str(Path(out_dir).resolve())
+    calibration = None
+    if method in CALIBRATED:
+        samples = np.load(calib_ids)
+        calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
+    t0 = time.perf_counter()
+    with _scratch_cwd():
+        model = GPTQModel.load(hf_dir, quantize_config(method, params))
+        kwargs = {}
+        if method == "awq" and not torch.cuda.is_available():
+            kwargs["backend"] = BACKEND.AWQ_TORCH  # AWQ's default kernels need CUDA
+        model.quantize(calibration, batch_size=1, **kwargs)
+        quantize_s = time.perf_counter() - t0
+        with io.atomic_path(out_dir) as staging:
+            model.save(str(staging))
+    return {
+        "quantize_s": quantize_s,
+        "quantize_threads": threads,
+        "quantize_peak_rss_mb": io.peak_rss_mb(),
+        "quantize_peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "quantize_device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
