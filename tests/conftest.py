@@ -69,3 +69,24 @@ def share_tools(workdir: Path, converter: Path) -> None:
     tools.mkdir(parents=True, exist_ok=True)
     if not (tools / converter.name).exists():
         shutil.copytree(converter, tools / converter.name)
+
+
+@pytest.fixture(scope="session")
+def odd_gguf(tiny, converter) -> Path:
+    """A one-layer model whose MLP is 320 wide: AWQ with group 128 cannot quantize it (a real failure),
+    shipped as a GGUF so that no config check can see its shape before the job runs."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = tiny["root"] / "odd"
+    tokenizer = AutoTokenizer.from_pretrained(tiny["hf"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=320, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    out = tiny["root"] / "odd.Q8_0.gguf"
+    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf),
+                    "--outtype", "q8_0", "--outfile", str(out)], check=True, capture_output=True)
+    return out

@@ -20,22 +20,32 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def methods_run(tmp_path_factory, tiny):
+def methods_run(tmp_path_factory, tiny, odd_gguf):
     work = tmp_path_factory.mktemp("methods")
+    methods = {m: {"variants": v, "models": ["tiny"]} for m, v in VARIANTS.items()}
+    methods["awq"]["models"] = ["tiny", "odd"]  # odd's 320-wide MLP makes AWQ g128 fail: a forced failure
     cfg = write_config(work, {
-        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
-        "methods": {m: {"variants": v} for m, v in VARIANTS.items()},
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])},
+                   "odd": {"source": "gguf", "path": str(odd_gguf)}},
+        "methods": methods,
         "calibration": {"source": "eval-holdout", "n_samples": 8, "seq_len": 128},
         "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128},
     })
     run = snakemake(work, config=cfg)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    df = pd.read_csv(work / "results" / "report" / "summary.csv").set_index(["method", "variant"])
-    return work, df
+    df = pd.read_csv(work / "results" / "report" / "summary.csv").set_index(["model", "method", "variant"])
+    return work, df.loc["tiny"], df.loc["odd"]
+
+
+def test_a_failing_cell_is_recorded_while_the_others_finish(methods_run):
+    _, _, odd = methods_run
+    assert odd.loc[("baseline", "fp16"), "status"] == "ok"
+    assert odd.loc[("awq", "w4g128"), "status"] == "failed"
+    assert "in_features (320) to be divisible by group_size (128)" in odd.loc[("awq", "w4g128"), "error"]
 
 
 def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
-    _, df = methods_run
+    _, df, _ = methods_run
     assert len(df) == 1 + 3 + 2 + 1
     assert df.loc[("eetq", "int8"), "status"] == "skipped"
     assert "CUDA" in df.loc[("eetq", "int8"), "error"]
@@ -50,7 +60,7 @@ def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
 def test_checkpoints_are_real_and_reload_in_transformers(methods_run):
     from transformers import AutoModelForCausalLM
 
-    work, df = methods_run
+    work, df, _ = methods_run
     for method, fmt in [("gptq", "gptq"), ("awq", "gemm"), ("rtn", "gptq")]:
         ckpt = work / "results" / "tiny" / method / "w4g128" / "model"
         qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
@@ -65,7 +75,7 @@ def test_checkpoints_are_real_and_reload_in_transformers(methods_run):
 
 
 def test_calibration_is_recorded_and_never_scored(methods_run):
-    work, df = methods_run
+    work, _, _ = methods_run
     cells = {p.parent.parent.name: json.loads(p.read_text()) for p in (work / "results" / "tiny").glob("*/*/metrics.json")}
     assert {c["protocol"]["skip_tokens"] for c in cells.values()} == {8 * 128}
     info = json.loads((work / "results" / "tiny" / "gptq" / "w4g128" / "quantize.json").read_text())
@@ -74,6 +84,8 @@ def test_calibration_is_recorded_and_never_scored(methods_run):
 
 
 def test_bnb_reports_its_in_memory_footprint(methods_run):
-    _, df = methods_run
+    _, df, _ = methods_run
     base = df.loc[("baseline", "fp16"), "weight_memory_mb"]
     assert df.loc[("bnb", "nf4"), "weight_memory_mb"] < df.loc[("bnb", "int8"), "weight_memory_mb"] < base
+    assert df.loc[("bnb", "nf4"), "bits_per_weight"] < df.loc[("bnb", "int8"), "bits_per_weight"]
+    assert math.isnan(df.loc[("bnb", "nf4"), "size_bytes"])  # nothing is written to disk

@@ -6,7 +6,11 @@ compare against.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,3 +77,24 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
         "quantize_device": "cuda" if torch.cuda.is_available() else "cpu",
     }
 
+
+
+def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_dir: str,
+                      threads: int) -> dict:
+    """quantize() in a child process: GPTQModel's worker threads can turn a caught error into a
+    failed exit of the whole interpreter, so the outcome is read from the child, not trusted to it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "info.json"
+        args = [json.dumps([method, params, hf_dir, calib_ids, out_dir, threads]), str(result)]
+        proc = subprocess.run([sys.executable, "-m", "quantbench.checkpoint", *args], stderr=subprocess.PIPE,
+                              text=True)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode == 0 and result.is_file():
+            return json.loads(result.read_text())
+    errors = re.findall(r"^(\w*(?:Error|Exception)\b.*)$", proc.stderr, flags=re.M)
+    raise RuntimeError(errors[-1] if errors else f"quantization exited with code {proc.returncode}")
+
+
+if __name__ == "__main__":
+    info = quantize(*json.loads(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(info))

@@ -63,6 +63,8 @@ def _eval(a):
         if a.gguf:
             return gguf.stats(a.gguf) | extra
         stats = evaluate.safetensors_stats(a.model_dir)
+        if method in evaluate.LOAD_TIME:  # nothing on disk: size is the in-memory footprint, known once loaded
+            return {"n_params": stats["n_params"]}
         if a.base_dir:  # a packed checkpoint: bits per weight over the unquantized model's parameters
             n_params = evaluate.safetensors_stats(a.base_dir)["n_params"]
             stats |= {"n_params": n_params, "bits_per_weight": 8 * stats["stored_bytes"] / n_params}
@@ -96,8 +98,8 @@ def _quantize_checkpoint(a):
 
     cell = json.loads(a.cell)
     try:
-        info = {"status": "ok", **checkpoint.quantize(cell["method"], cell["params"], a.hf, a.calib, a.out,
-                                                       a.threads)}
+        info = {"status": "ok", **checkpoint.quantize_isolated(cell["method"], cell["params"], a.hf, a.calib,
+                                                                a.out, a.threads)}
     except Exception as exc:  # noqa: BLE001 - recorded; the evaluation turns it into a failed row
         traceback.print_exc()
         info = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

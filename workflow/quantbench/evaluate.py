@@ -90,6 +90,9 @@ def perplexity(scorer, tokens: np.ndarray, wins: list[Window], batch_size: int =
     }
 
 
+LOAD_TIME = {"bnb", "eetq"}  # quantized while loading: no artifact on disk
+
+
 class Skipped(Exception):
     """A cell that cannot run on this machine (e.g. a CUDA-only method without CUDA)."""
 
@@ -282,6 +285,8 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
         scorer = open_scorer()
         record |= perplexity(scorer, tokens, windows(tokens.size, *spec), eval_spec.get("batch_size", 1))
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": scorer.peak_vram_mb(), **scorer.info}
+        if cell["method"] in LOAD_TIME:
+            record["bits_per_weight"] = 8 * scorer.weight_bytes / record["n_params"]
     except Skipped as exc:
         record |= {"status": "skipped", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - any failure of one cell becomes data in its row

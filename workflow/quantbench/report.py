@@ -11,7 +11,7 @@ from .config import BASELINE
 
 COLUMNS = [  # the table's leading columns; every other metric follows in the CSV
     "model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "top1_agree",
-    "size_bytes", "size_ratio", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb", "peak_vram_mb",
+    "size_bytes", "size_ratio", "bits_per_weight", "weight_memory_mb", "eval_tokens_per_s", "peak_rss_mb", "peak_vram_mb",
     "quantize_s", "device", "compute_dtype", "error",
 ]
 
@@ -54,8 +54,8 @@ def markdown(df: pd.DataFrame, models: dict) -> str:
     shown["method"] = shown["method"].replace({BASELINE: "FP16 (baseline)"})
     shown["size_MB"] = shown["size_bytes"] / 1e6
     cols = ["model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "size_MB",
-            "size_ratio", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb", "quantize_s", "compute_dtype",
-            "tensor_types"]
+            "size_ratio", "bits_per_weight", "weight_memory_mb", "eval_tokens_per_s", "peak_rss_mb", "quantize_s",
+            "compute_dtype", "tensor_types", "error"]
     table = shown[[c for c in cols if c in shown.columns]].to_markdown(index=False, floatfmt=".4g")
     lines = ["# quantbench summary", "", table, ""]
     first = df.iloc[0]
