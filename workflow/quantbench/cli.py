@@ -57,9 +57,9 @@ def _eval(a):
     method, params = cell["method"], cell["params"]
 
     def artifact() -> dict:
-        if a.quant_info and (info := io.read_json(a.quant_info)).get("status", "ok") != "ok":
-            raise RuntimeError(f"quantization failed: {info['error']}")
         extra = io.read_json(a.quant_info) if a.quant_info else {}
+        if extra.get("status", "ok") != "ok":
+            raise RuntimeError(f"quantization failed: {extra['error']}")
         if a.gguf:
             return gguf.stats(a.gguf) | extra
         stats = evaluate.safetensors_stats(a.model_dir)

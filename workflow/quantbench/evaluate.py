@@ -7,9 +7,13 @@ windows and the same scored positions.
 """
 from __future__ import annotations
 
+import json
 import math
+import struct
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -101,8 +105,6 @@ class TransformersScorer:
     """A Hugging Face causal LM; only the scored suffix goes through the output head."""
 
     def __init__(self, model, backend: str = "transformers"):
-        import torch
-
         self.model = model.eval()
         self.device = "cuda" if next(model.parameters()).is_cuda else "cpu"
         self.dtype = model.dtype
@@ -178,8 +180,6 @@ def bnb_config(params: dict):
 
 
 def _checkpoint_dtype(model_dir: str) -> str | None:
-    from pathlib import Path
-
     cfg = io.read_json(Path(model_dir) / "config.json")
     return cfg.get("dtype") or cfg.get("torch_dtype")
 
@@ -247,10 +247,6 @@ class LlamaCppScorer:
 
 def safetensors_stats(hf_dir: str) -> dict:
     """Size, parameter count and bits per weight from the safetensors headers (no weights read)."""
-    import json
-    import struct
-    from pathlib import Path
-
     n_params = n_bytes = size = 0
     for path in sorted(Path(hf_dir).glob("*.safetensors")):
         size += path.stat().st_size
@@ -268,8 +264,6 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
                   eval_spec: dict, threads: int) -> dict:
     """Score one cell. A cell that cannot run is recorded, not raised: status 'skipped' or 'failed'
     with the reason, so the rest of the matrix and the report go on."""
-    import traceback
-
     tokens = np.load(tokens_file)
     spec = [eval_spec["protocol"], eval_spec["context"], eval_spec["max_windows"], eval_spec.get("skip_tokens", 0)]
     record = {
