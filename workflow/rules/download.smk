@@ -2,7 +2,8 @@ rule download_model:
     output:
         directory(f"{RESOURCES}/models/{{model}}/hf"),
     params:
-        spec=lambda w: json.dumps(config["models"][w.model]),
+        # the note is prose for the report: editing it must not re-download the model
+        spec=lambda w: json.dumps({k: v for k, v in config["models"][w.model].items() if k != "note"}),
         cache=f"{RESOURCES}/cache",
     log:
         "results/logs/download/{model}.log",
