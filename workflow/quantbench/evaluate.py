@@ -43,8 +43,8 @@ def windows(n_tokens: int, protocol: str, context: int, max_windows: int = 0, sk
     return out[:max_windows] if max_windows else out
 
 
-def describe(protocol: str, context: int, max_windows: int, skip: int, n_tokens: int, tokens_meta: dict) -> dict:
-    wins = windows(n_tokens, protocol, context, max_windows, skip)
+def describe(wins: list[Window], protocol: str, context: int, max_windows: int, skip: int, n_tokens: int,
+             tokens_meta: dict) -> dict:
     return {
         "name": protocol,
         "context": context,
@@ -266,9 +266,10 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
     with the reason, so the rest of the matrix and the report go on."""
     tokens = np.load(tokens_file)
     spec = [eval_spec["protocol"], eval_spec["context"], eval_spec["max_windows"], eval_spec.get("skip_tokens", 0)]
+    wins = windows(tokens.size, *spec)
     record = {
         **cell, "status": "ok", "error": None,
-        "protocol": describe(*spec, tokens.size, io.read_json(tokens_meta_file)),
+        "protocol": describe(wins, *spec, tokens.size, io.read_json(tokens_meta_file)),
         "ppl": None, "ppl_stderr": None, "kl_mean": None, "top1_agree": None,
         "threads": threads,
         "versions": io.versions("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "bitsandbytes"),
@@ -277,7 +278,7 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
     try:
         record |= artifact()
         scorer = open_scorer()
-        record |= perplexity(scorer, tokens, windows(tokens.size, *spec), eval_spec.get("batch_size", 1))
+        record |= perplexity(scorer, tokens, wins, eval_spec.get("batch_size", 1))
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": scorer.peak_vram_mb(), **scorer.info}
         if cell["method"] in LOAD_TIME:
             record["bits_per_weight"] = 8 * scorer.weight_bytes / record["n_params"]
