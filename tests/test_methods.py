@@ -81,6 +81,15 @@ def test_calibration_is_recorded_and_never_scored(methods_run):
     info = json.loads((work / "results" / "tiny" / "gptq" / "w4g128" / "quantize.json").read_text())
     assert info["calibration"]["source"] == "eval-holdout" and info["calibration"]["n_tokens"] == 1024
     assert info["quantize_s"] > 0
+    summary = (work / "results" / "report" / "summary.md").read_text()
+    assert "`eval-holdout`, 8 × 128 tokens" in summary and "no cell scores them" in summary
+
+
+def test_the_report_says_why_cells_did_not_run(methods_run):
+    work, _, _ = methods_run
+    summary = (work / "results" / "report" / "summary.md").read_text()
+    assert "**tiny eetq int8** skipped:" in summary
+    assert "**odd awq w4g128** failed:" in summary
 
 
 def test_bnb_reports_its_in_memory_footprint(methods_run):

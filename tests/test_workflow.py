@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import REPO, share_tools, snakemake, write_config
 
 pytestmark = pytest.mark.integration
@@ -123,3 +125,14 @@ def test_a_second_run_has_nothing_to_do(tiny_run):
     run = snakemake(tiny_run, "-n", config=tiny_run / "config.yaml")
     assert run.returncode == 0
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def test_editing_a_note_reruns_only_the_report(tiny_run):
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    config["models"]["tiny-gguf"]["note"] = "weights from a Q8_0 GGUF"
+    noted = tiny_run / "noted.yaml"
+    noted.write_text(yaml.safe_dump(config))
+    run = snakemake(tiny_run, "-n", config=noted)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, flags=re.M)
+    assert jobs and set(jobs) <= {"report", "all"}, jobs

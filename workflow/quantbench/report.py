@@ -70,10 +70,25 @@ def markdown(df: pd.DataFrame, models: dict) -> str:
         "k-quant to a legacy type for rows whose length is not a multiple of 256).",
         "",
     ]
+    lines += _calibration_note(df)
+    for row in df[df["status"] != "ok"].itertuples():
+        lines += [f"- **{row.model} {row.method} {row.variant}** {row.status}: {row.error}"]
     for name, spec in models.items():
         if spec.get("note"):
             lines += [f"- **{name}**: {spec['note']}"]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_note(df: pd.DataFrame) -> list[str]:
+    if "calibration" not in df.columns or df["calibration"].isna().all():
+        return []
+    spec = json.loads(df["calibration"].dropna().iloc[0])
+    line = (f"- **Calibration** (GPTQ, AWQ): `{spec['source']}`, {spec['n_samples']} × {spec['seq_len']} tokens, "
+            f"seed {spec['seed']}, the same tokens for every cell (sha256 `{spec['tokens_sha256'][:16]}…`).")
+    if spec["source"] == "eval-holdout":
+        line += (f" They are the first {spec['n_tokens']} tokens of the evaluation stream, the offline default; "
+                 "no cell scores them, so every row is scored on the tokens after them.")
+    return [line]
 
 
 def build(metrics_files: list[str], models: dict, out_dir: str) -> pd.DataFrame:
