@@ -21,7 +21,7 @@ if not workflow.overwrite_configfiles:
 qbconfig.validate(config)  # schema + cross-field checks, before any job
 CELLS = qbconfig.cells(config)
 RESOURCES = "resources"
-TEXT = textdata.describe_text(config["eval"]["text"], RESOURCES)
+TEXT = textdata.describe_text(config["eval"]["text"], RESOURCES, config["eval"]["protocol"])
 # Jobs run `python -m quantbench STAGE` with the package on PYTHONPATH, in the rule's conda env
 # under --sdm conda, else with the python that runs Snakemake (so a venv needs no activation).
 PACKAGE_DIR = shlex.quote(str(Path(workflow.basedir) / "workflow"))

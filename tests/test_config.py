@@ -24,7 +24,7 @@ def test_default_config_expands_to_the_demo_matrix():
     assert [(c.method, c.variant) for c in qc.cells(cfg)] == [
         ("baseline", "fp16"),
         *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]],
-        ("gptq", "w4g128"), ("gptq", "w3g128"), ("awq", "w4g128"), ("rtn", "w4g128"), ("rtn", "w3g128"),
+        ("gptq", "w4g128"), ("gptq", "w3g128"), ("awq", "w4g64"), ("rtn", "w4g128"), ("rtn", "w3g128"),
         ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"),
     ]
     assert {c.model for c in qc.cells(cfg)} == {"smollm2-135m"}
@@ -81,6 +81,8 @@ def test_schema_rejects(mutate, message):
      "methods.gguf.variants[6]", "unknown gguf variant keys ['imatrix']"),
     (lambda c: c["eval"].update(text={"text_file": "/no/such.txt"}), "eval.text.text_file", "does not exist"),
     (lambda c: c["eval"].update(protocol="llamacpp", context=511), "eval.context", "even context"),
+    (lambda c: c["eval"].update(stride=256), "eval.stride", "only the sliding protocols take a stride"),
+    (lambda c: c["eval"].update(protocol="sliding", context=512, stride=1024), "eval.stride", "longer than the window"),
     (lambda c: c["models"].update(x={"source": "gguf", "path": "/no/such.gguf"}), "models.x.path", "does not exist"),
     (lambda c: c["models"].update(x={"source": "path", "path": "/no/such/dir"}), "models.x.path", "no config.json"),
 ])
@@ -91,6 +93,15 @@ def test_cross_field_checks_name_the_key(mutate, key, message):
         qc.validate(cfg)
     assert err.value.key == key
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("protocol, context, stride", [
+    ("gptq", 2048, None), ("llamacpp", 512, None), ("sliding", 2048, 512), ("sliding-seed", 2048, 512)])
+def test_each_protocol_gets_its_reference_defaults(protocol, context, stride):
+    cfg = fresh()
+    cfg["eval"] = {"protocol": protocol}
+    spec = qc.validate(cfg)["eval"]
+    assert (spec["context"], spec.get("stride"), spec["tokens"], spec["kl_top_k"]) == (context, stride, "hf", 128)
 
 
 def test_k_quants_on_a_model_whose_rows_are_not_multiples_of_256(tmp_path):
@@ -130,3 +141,14 @@ def test_pins_agree_between_pyproject_and_conda_envs():
             if "==" in req:
                 name, version = req.split("==")
                 assert pins.get(name) == version, f"{env.name}: {req} disagrees with pyproject.toml"
+
+
+def test_awq_groups_must_divide_the_model_widths(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                                                      "intermediate_size": 1536}))
+    cfg = fresh()
+    cfg["models"] = {"small": {"source": "path", "path": str(tmp_path)}}
+    cfg["methods"] = {"awq": {"variants": [{"name": "g64", "group_size": 64}, {"name": "g128", "group_size": 128}]}}
+    with pytest.raises(qc.ConfigError, match=r"widths \[576, 1536\], not multiples of 128") as err:
+        qc.validate(cfg)
+    assert err.value.key == "methods.awq.variants[1].group_size"

@@ -134,5 +134,5 @@ def test_editing_a_note_reruns_only_the_report(tiny_run):
     noted.write_text(yaml.safe_dump(config))
     run = snakemake(tiny_run, "-n", config=noted)
     assert run.returncode == 0, run.stderr[-3000:]
-    jobs = re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, flags=re.M)
+    jobs = re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, flags=re.MULTILINE)
     assert jobs and set(jobs) <= {"report", "all"}, jobs

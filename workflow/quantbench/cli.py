@@ -34,7 +34,7 @@ def _fetch_text(a):
 def _tokenize(a):
     from . import textdata
 
-    textdata.tokenize(json.loads(a.text), a.hf, a.ids, a.meta)
+    textdata.tokenize(json.loads(a.text), a.ids, a.meta, hf_dir=a.hf, gguf_file=a.gguf)
 
 
 def _convert(a):
@@ -75,7 +75,8 @@ def _eval(a):
             return evaluate.LlamaCppScorer(a.gguf, eval_spec["context"], a.threads)
         return evaluate.TransformersScorer.load(method, params, a.model_dir, a.threads)
 
-    record = evaluate.evaluate_cell(cell, open_scorer, artifact, a.tokens, a.tokens_meta, eval_spec, a.threads)
+    record = evaluate.evaluate_cell(cell, open_scorer, artifact, a.tokens, a.tokens_meta, eval_spec, a.threads,
+                                    a.reference, a.write_reference)
     io.write_json(a.out, record)
     where = f"{cell['model']}/{method}/{cell['variant']}"
     if record["status"] != "ok":
@@ -139,9 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_fetch_text)
 
-    p = sub.add_parser("tokenize", help="tokenize the evaluation text with a model's HF tokenizer")
+    p = sub.add_parser("tokenize", help="tokenize the evaluation text once per model (HF or llama.cpp tokenizer)")
     p.add_argument("--text", required=True, help="the resolved text description, as JSON")
-    p.add_argument("--hf", required=True)
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--hf", help="a HF directory: its tokenizer")
+    tok.add_argument("--gguf", help="a GGUF file: llama.cpp's tokenizer from its vocabulary")
     p.add_argument("--ids", required=True)
     p.add_argument("--meta", required=True)
     p.set_defaults(func=_tokenize)
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokens-meta", required=True)
     p.add_argument("--eval", required=True, help="the config's eval section, as JSON")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference", help="the FP16 baseline's reference.npz, for KL divergence and top-1 agreement")
+    ref.add_argument("--write-reference", help="write this cell's distributions as the model's reference.npz")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_eval)

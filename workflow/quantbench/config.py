@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import protocols
+
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
 BASELINE = "baseline"  # method name of each model's unquantized reference cell
@@ -108,7 +110,20 @@ def check(config: dict) -> None:
     text = config["eval"]["text"]
     if "text_file" in text and not Path(text["text_file"]).expanduser().is_file():
         raise ConfigError("eval.text.text_file", f"{text['text_file']} does not exist")
-    if config["eval"]["protocol"] == "llamacpp" and config["eval"]["context"] % 2:
+    _check_eval(config["eval"])
+
+
+def _check_eval(spec: dict) -> None:
+    """Protocol-dependent defaults and limits (filled in, so every job sees the same numbers)."""
+    name = spec["protocol"]
+    spec.setdefault("context", protocols.DEFAULT_CONTEXT[name])
+    if name in protocols.SLIDING:
+        spec.setdefault("stride", protocols.DEFAULT_STRIDE)
+        if spec["stride"] > spec["context"]:
+            raise ConfigError("eval.stride", f"stride {spec['stride']} is longer than the window ({spec['context']})")
+    elif "stride" in spec:
+        raise ConfigError("eval.stride", f"only the sliding protocols take a stride; {name} steps by whole windows")
+    if name == "llamacpp" and spec["context"] % 2:
         raise ConfigError("eval.context", "the llamacpp protocol scores the second half of each window: use an even context")
 
 
@@ -172,6 +187,14 @@ def _check_architecture(config: dict, method: str, model: str) -> None:
                 f"{widths[0]} and intermediate_size {widths[1]}: llama.cpp would store every matrix in a fallback "
                 "type. Use Q4_0/Q5_0/Q8_0, or restrict methods.gguf.models",
             )
+    if method == "awq":  # AWQ packs whole groups along each input row
+        widths = {hf_config.get("hidden_size"), hf_config.get("intermediate_size")} - {None}
+        for i, variant in enumerate(config["methods"][method]["variants"]):
+            group = method_params(method, variant)["group_size"]
+            if any(w % group for w in widths):
+                raise ConfigError(f"methods.awq.variants[{i}].group_size",
+                                  f"AWQ needs every input width divisible by the group size; model '{model}' has "
+                                  f"widths {sorted(widths)}, not multiples of {group}")
 
 
 def variant_name(variant) -> str:

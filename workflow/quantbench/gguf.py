@@ -7,6 +7,8 @@ evaluates), fetched once into a cache instead of being vendored here.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,27 +23,89 @@ LLAMA_CPP_PYTHON_PIN = "0.3.36"  # the same pin as pyproject.toml and envs/llama
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 
+def _download_sdist(dest: str, version: str) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "--dest", dest, f"{LLAMA_CPP_PYTHON}=={version}"], check=True)
+    (sdist,) = Path(dest).glob("*.tar.gz")
+    return sdist
+
+
+def _extract_llama_cpp(sdist: Path, dest: Path, parts: tuple[str, ...] = ()) -> None:
+    """vendor/llama.cpp of the sdist (only `parts` of its top level, if given) into dest."""
+    prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and len(m.name) > len(prefix)
+                   and (not parts or m.name[len(prefix):].split("/")[0] in parts)]
+        if not members:
+            raise RuntimeError(f"{sdist.name} carries no vendor/llama.cpp/{'|'.join(parts)}")
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(dest, members=members, filter="data")
+
+
 def fetch_converter(out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_PIN) -> Path:
     """Unpack llama.cpp's converter from the llama-cpp-python sdist into `out_dir`."""
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--dest", tmp, f"{LLAMA_CPP_PYTHON}=={version}"],
-            check=True,
-        )
-        (sdist,) = Path(tmp).glob("*.tar.gz")
-        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-        with io.atomic_path(out_dir) as staging, tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS]
-            if not members:
-                raise RuntimeError(f"{sdist.name} carries no vendor/llama.cpp/convert_hf_to_gguf.py")
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(staging, members=members, filter="data")
-            io.write_json(staging / "source.json", {"sdist": sdist.name, "sha256": io.sha256_file(sdist)})
+    with tempfile.TemporaryDirectory() as tmp, io.atomic_path(out_dir) as staging:
+        sdist = _download_sdist(tmp, version)
+        _extract_llama_cpp(sdist, staging, CONVERTER_PARTS)
+        io.write_json(staging / "source.json", {"sdist": sdist.name, "sha256": io.sha256_file(sdist)})
     return out_dir / "convert_hf_to_gguf.py"
+
+
+def build_tool(target: str, out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_PIN,
+               jobs: int = os.cpu_count() or 1) -> Path:
+    """Build one llama.cpp tool (`llama-perplexity`) from the llama.cpp source vendored in the pinned
+    llama-cpp-python sdist: the reference implementation of the revision quantbench runs. CMAKE_ARGS
+    (as for the llama-cpp-python build, e.g. -DGGML_CUDA=on) apply here too. Cached in out_dir."""
+    binary = Path(out_dir) / target
+    if binary.exists():
+        return binary
+    with tempfile.TemporaryDirectory() as tmp:
+        src, build = Path(tmp) / "llama.cpp", Path(tmp) / "build"
+        _extract_llama_cpp(_download_sdist(tmp, version), src)
+        options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
+                   "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                   "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
+        cmake = shutil.which("cmake", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        if not cmake:
+            raise RuntimeError("building llama.cpp tools needs cmake (pip install cmake)")
+        subprocess.run([cmake, "-S", src, "-B", build, *options], check=True)
+        subprocess.run([cmake, "--build", build, "--target", target, "-j", str(jobs)], check=True)
+        with io.atomic_path(binary) as tmp_binary:
+            shutil.copy2(build / "bin" / target, tmp_binary)
+    return binary
+
+
+def tokenize(gguf_path: str, text: str) -> tuple[list[int], dict]:
+    """Token ids as llama-perplexity makes them: llama.cpp's tokenizer from the GGUF vocabulary,
+    BOS added when the vocabulary asks for it, special tokens not parsed."""
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    params = L.llama_model_default_params()
+    params.vocab_only = True
+    model = L.llama_model_load_from_file(str(gguf_path).encode(), params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load the vocabulary of {gguf_path}")
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        data = text.encode("utf-8")
+        n = -L.llama_tokenize(vocab, data, len(data), None, 0, True, False)  # negative: the count needed
+        ids = (L.llama_token * n)()
+        if L.llama_tokenize(vocab, data, len(data), ids, n, True, False) != n:
+            raise RuntimeError("llama_tokenize returned an unexpected count")
+        add_bos = bool(L.llama_vocab_get_add_bos(vocab))
+        return list(ids), {
+            "kind": "gguf",
+            "class": "llama.cpp",
+            "source": Path(gguf_path).name,
+            "vocab_size": L.llama_vocab_n_tokens(vocab),
+            "add_bos": add_bos,
+            "bos_token_id": int(L.llama_vocab_bos(vocab)),
+        }
+    finally:
+        L.llama_model_free(model)
 
 
 def convert(hf_dir: str, out: str, converter: str, outtype: str = "f16") -> None:

@@ -10,7 +10,7 @@ from . import io
 from .config import BASELINE
 
 COLUMNS = [  # the table's leading columns; every other metric follows in the CSV
-    "model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "top1_agree",
+    "model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree",
     "size_bytes", "size_ratio", "bits_per_weight", "weight_memory_mb", "eval_tokens_per_s", "peak_rss_mb", "peak_vram_mb",
     "quantize_s", "device", "compute_dtype", "error",
 ]
@@ -24,7 +24,8 @@ def load(metrics_files: list[str]) -> pd.DataFrame:
         versions = record.pop("versions", None) or {}
         record["tensor_types"] = _share(record.get("tensor_types"))
         record |= {f"protocol_{k}": v for k, v in protocol.items() if not isinstance(v, dict)}
-        record["protocol_tokenizer"] = (protocol.get("tokenizer") or {}).get("class")
+        tokenizer = protocol.get("tokenizer") or {}
+        record["protocol_tokenizer"] = f"{tokenizer.get('kind', 'hf')}:{tokenizer.get('class')}"
         record |= {f"version_{k}": v for k, v in versions.items()}
         record = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in record.items()}
         rows.append(record)
@@ -53,18 +54,23 @@ def markdown(df: pd.DataFrame, models: dict) -> str:
     shown = df.copy()
     shown["method"] = shown["method"].replace({BASELINE: "FP16 (baseline)"})
     shown["size_MB"] = shown["size_bytes"] / 1e6
-    cols = ["model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "size_MB",
+    cols = ["model", "method", "variant", "status", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "kl_p99",
+            "top1_agree", "size_MB",
             "size_ratio", "bits_per_weight", "weight_memory_mb", "eval_tokens_per_s", "peak_rss_mb", "quantize_s",
             "compute_dtype", "tensor_types", "error"]
     table = shown[[c for c in cols if c in shown.columns]].to_markdown(index=False, floatfmt=".4g")
     lines = ["# quantbench summary", "", table, ""]
     first = df.iloc[0]
     lines += [
-        f"Protocol: `{first.get('protocol_name')}`, context {first.get('protocol_context')}, "
+        f"Protocol: `{first.get('protocol_name')}` ({first.get('protocol_follows')}), "
+        f"context {first.get('protocol_context')}, stride {first.get('protocol_stride')}, "
         f"{first.get('protocol_n_windows')} windows, {first.get('protocol_n_scored_tokens')} scored tokens "
         f"(max_windows={first.get('protocol_max_windows')}; 0 means the whole text), "
-        f"text sha256 `{str(first.get('protocol_text_sha256'))[:16]}…`. "
+        f"tokenizer {first.get('protocol_tokenizer')}, text sha256 `{str(first.get('protocol_text_sha256'))[:16]}…`. "
         "ΔPPL % = (ppl − ppl_FP16) / ppl_FP16 × 100; size_ratio = size / FP16 size. "
+        "kl_mean, kl_p99: KL(FP16 ‖ cell) of the next-token distributions over the scored tokens, mean and "
+        "99th percentile (nats), from the FP16 baseline's top-k log-probabilities with the rest merged: a lower "
+        "bound of the exact KL; top1_agree: share of scored positions whose most likely token is FP16's. "
         "The FP16 baseline is computed in the dtype named in compute_dtype (fp32 on a CPU). "
         "tensor_types: the share of weights a GGUF stores in each type (llama.cpp falls back from a "
         "k-quant to a legacy type for rows whose length is not a multiple of 256).",

@@ -25,11 +25,17 @@ def cache_file(resources: str, dataset: str = WIKITEXT) -> Path:
     return Path(resources) / "data" / dataset / "test_rows.json"
 
 
-def describe_text(spec: dict, resources: str) -> dict:
-    """Where the evaluation text lives (the dataset's cache file, or the user's file)."""
+def describe_text(spec: dict, resources: str, protocol: str = "gptq") -> dict:
+    """Where the evaluation text lives (the dataset's cache file, or the user's file) and the form
+    its protocol reads it in: llama-perplexity reads a file as is but for one trailing newline
+    (wiki.test.raw for the dataset); the GPTQ/AWQ code and the Hugging Face recipe join the
+    dataset's test rows by blank lines."""
+    llamacpp = protocol == "llamacpp"
     if "text_file" in spec:
-        return {"kind": "text_file", "path": str(Path(spec["text_file"]).expanduser().resolve())}
+        return {"kind": "text_file", "form": "llama-perplexity -f" if llamacpp else "as is",
+                "path": str(Path(spec["text_file"]).expanduser().resolve())}
     return {"kind": "dataset", "dataset": spec["dataset"], "split": "test",
+            "form": "llama-perplexity -f wiki.test.raw" if llamacpp else "rows joined by blank lines",
             "path": str(cache_file(resources, spec["dataset"]))}
 
 
@@ -102,19 +108,31 @@ def rows_from_raw(raw: str) -> list[str]:
 
 
 def load_text(described: dict) -> str:
-    """GPTQ/AWQ convention for the dataset: rows joined by blank lines. A text file is read as is."""
+    """The text in the form its protocol reads it (see describe_text); newlines never translated."""
     if described["kind"] == "text_file":
-        return Path(described["path"]).read_text(encoding="utf-8")
-    return "\n\n".join(json.loads(Path(described["path"]).read_text()))
+        with open(described["path"], encoding="utf-8", newline="") as f:
+            text = f.read()
+    else:
+        rows = json.loads(Path(described["path"]).read_text())
+        if not described["form"].endswith("wiki.test.raw"):
+            return "\n\n".join(rows)
+        text = "".join(row or " \n" for row in rows)  # inverse of rows_from_raw: wiki.test.raw, byte for byte
+    if described["form"].startswith("llama-perplexity"):
+        text = text.removesuffix("\n")  # as llama.cpp's -f does (common/arg.cpp)
+    return text
 
 
-def tokenize(described: dict, hf_dir: str, out_ids: str, out_meta: str) -> None:
-    """Tokenize the text once with the model's HF tokenizer; every backend scores these ids."""
-    from transformers import AutoTokenizer
-
+def tokenize(described: dict, out_ids: str, out_meta: str, hf_dir: str | None = None, gguf_file: str | None = None) -> None:
+    """Tokenize the text once per model, with its HF tokenizer or (gguf_file) llama.cpp's tokenizer
+    from the GGUF vocabulary, as llama-perplexity does; every backend scores these ids."""
     text = load_text(described)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    ids = np.asarray(tokenizer(text).input_ids, dtype=np.int32)
+    if gguf_file:
+        from . import gguf
+
+        ids, tokenizer = gguf.tokenize(gguf_file, text)
+    else:
+        ids, tokenizer = _hf_tokenize(hf_dir, text)
+    ids = np.asarray(ids, dtype=np.int32)
     with io.atomic_path(out_ids) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, ids)
@@ -123,12 +141,20 @@ def tokenize(described: dict, hf_dir: str, out_ids: str, out_meta: str) -> None:
         "text_sha256": io.sha256_text(text),
         "text_chars": len(text),
         "n_tokens": int(ids.size),
-        "tokenizer": {
-            "class": type(tokenizer).__name__,
-            "source": str(Path(hf_dir).name),
-            "vocab_size": len(tokenizer),
-            "add_special_tokens": True,
-            "bos_token_id": tokenizer.bos_token_id,
-            "first_id": int(ids[0]),
-        },
+        "tokenizer": tokenizer | {"first_id": int(ids[0])},
     })
+
+
+def _hf_tokenize(hf_dir: str, text: str) -> tuple[list[int], dict]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    bos = tokenizer.bos_token_id
+    return tokenizer(text).input_ids, {
+        "kind": "hf",
+        "class": type(tokenizer).__name__,
+        "source": Path(hf_dir).name,
+        "vocab_size": len(tokenizer),
+        "add_bos": bos is not None and tokenizer("x").input_ids[:1] == [bos],
+        "bos_token_id": bos,
+    }

@@ -58,6 +58,7 @@ rule evaluate_checkpoint:
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
+        reference=REFERENCE,
     output:
         "results/{model}/{checkpoint_method}/{variant}/metrics.json",
     params:
@@ -76,4 +77,4 @@ rule evaluate_checkpoint:
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.model} --base-dir {input.hf} "
         "--quant-info {input.info} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
-        "--threads {threads} --out {output} > {log} 2>&1"
+        "--reference {input.reference} --threads {threads} --out {output} > {log} 2>&1"

@@ -16,6 +16,16 @@ SKIP_TOKENS = qbcalibration.holdout_tokens(config["calibration"]) if CALIBRATED 
 EVAL_JSON = json.dumps({**config["eval"], "skip_tokens": SKIP_TOKENS})
 
 
+# The FP16 baseline's next-token distributions, stored once per model; every other cell's KL reads it.
+REFERENCE = f"results/{{model}}/{qbconfig.BASELINE}/{qbconfig.BASELINE_VARIANT}/reference.npz"
+
+
+def tokenizer_inputs(wildcards):
+    if config["eval"]["tokens"] == "gguf":  # llama.cpp's tokenizer, from the converted GGUF's vocabulary
+        return {"text": TEXT["path"], "gguf": f"results/{wildcards.model}/gguf/F16.gguf"}
+    return {"text": TEXT["path"], "hf": rules.download_model.output[0].format(model=wildcards.model)}
+
+
 def checkpoint_inputs(wildcards):
     inputs = {"hf": rules.download_model.output[0].format(model=wildcards.model)}
     if wildcards.checkpoint_method in qbcheckpoint.CALIBRATED:

@@ -18,22 +18,23 @@ rule fetch_eval_text:
 rule tokenize_eval_text:
     """The evaluation text, tokenized once per model; every backend scores these ids."""
     input:
-        hf=rules.download_model.output[0],
-        text=TEXT["path"],
+        unpack(tokenizer_inputs),
     output:
         ids="results/{model}/data/eval_tokens.npy",
         meta="results/{model}/data/eval_tokens.json",
     params:
         text=json.dumps(TEXT),
+        tokenizer=lambda w, input: f"--gguf {input.gguf}" if "gguf" in input.keys() else f"--hf {input.hf}",
     log:
         "results/logs/tokenize/{model}.log",
     benchmark:
         "results/benchmarks/tokenize/{model}.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/llamacpp.yaml" if config["eval"]["tokens"] == "gguf" else "../../envs/torch.yaml"
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
     shell:
-        "python -m quantbench tokenize --text {params.text:q} --hf {input.hf} --ids {output.ids} --meta {output.meta} > {log} 2>&1"
+        "python -m quantbench tokenize --text {params.text:q} {params.tokenizer} --ids {output.ids} "
+        "--meta {output.meta} > {log} 2>&1"

@@ -8,7 +8,8 @@ rule evaluate_baseline:
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
     output:
-        f"results/{{model}}/{qbconfig.BASELINE}/{qbconfig.BASELINE_VARIANT}/metrics.json",
+        metrics=f"results/{{model}}/{qbconfig.BASELINE}/{qbconfig.BASELINE_VARIANT}/metrics.json",
+        reference=REFERENCE,
     params:
         cell=lambda w: cell_json(w.model, qbconfig.BASELINE, qbconfig.BASELINE_VARIANT),
         eval=EVAL_JSON,
@@ -24,7 +25,8 @@ rule evaluate_baseline:
         mem_mb=16000,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"
+        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --write-reference {output.reference} "
+        "--out {output.metrics} > {log} 2>&1"
 
 
 rule evaluate_gguf:
@@ -34,6 +36,7 @@ rule evaluate_gguf:
         info=rules.gguf_quantize.output.info,
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
+        reference=REFERENCE,
     output:
         "results/{model}/gguf/{variant}/metrics.json",
     params:
@@ -51,7 +54,8 @@ rule evaluate_gguf:
         mem_mb=8000,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --gguf {input.gguf} --quant-info {input.info} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"
+        "--tokens-meta {input.meta} --eval {params.eval:q} --reference {input.reference} --threads {threads} "
+        "--out {output} > {log} 2>&1"
 
 
 rule evaluate_load_time:
@@ -60,6 +64,7 @@ rule evaluate_load_time:
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
+        reference=REFERENCE,
     output:
         "results/{model}/{load_time_method}/{variant}/metrics.json",
     params:
@@ -77,4 +82,5 @@ rule evaluate_load_time:
         mem_mb=16000,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --out {output} > {log} 2>&1"
+        "--tokens-meta {input.meta} --eval {params.eval:q} --reference {input.reference} --threads {threads} "
+        "--out {output} > {log} 2>&1"

@@ -1,0 +1,110 @@
+"""Time quantbench's evaluation against the reference implementations, whole process against
+whole process, on the same model and text, and check that the numbers are equal:
+
+  1. GGUF Q4_K_M, `llamacpp` protocol (n_ctx 512, llama.cpp tokens) vs `llama-perplexity`;
+  2. FP16 model, `sliding-seed` protocol (2048 / 512) vs the Hugging Face loop (bench/hf_loop.py).
+
+Needs a finished default run (its GGUF, HF directory and WikiText cache). See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "workflow"))
+
+from quantbench import gguf, textdata
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return time.perf_counter() - t0, out.stdout + out.stderr
+
+
+def quantbench(work: Path, text: dict, tokenizer: list[str], model: list[str], method: str, eval_spec: dict,
+               threads: int) -> list[list[str]]:
+    """The two stages quantbench runs for a cell: tokenize once, then evaluate."""
+    py = [sys.executable, "-m", "quantbench"]
+    ids, meta = str(work / "ids.npy"), str(work / "meta.json")
+    cell = json.dumps({"model": "bench", "method": method, "variant": "bench", "params": {}})
+    return [[*py, "tokenize", "--text", json.dumps(text), *tokenizer, "--ids", ids, "--meta", meta],
+            [*py, "eval", "--cell", cell, *model, "--tokens", ids, "--tokens-meta", meta, "--eval", json.dumps(eval_spec),
+             "--threads", str(threads), "--out", str(work / "metrics.json")]]
+
+
+def compare(name: str, reference: list[str], ours: list[list[str]], parse, work: Path, repeats: int) -> dict:
+    times = {"reference": [], "quantbench": []}
+    for _ in range(repeats):  # alternate, so drifts in machine load hit both sides alike
+        t, out = timed(reference)
+        times["reference"].append(t)
+        ref_value = parse(out)
+        t = sum(timed(cmd)[0] for cmd in ours)
+        times["quantbench"].append(t)
+    metrics = json.loads((work / "metrics.json").read_text())
+    ref_t, our_t = statistics.median(times["reference"]), statistics.median(times["quantbench"])
+    return {"comparison": name, "reference_s": ref_t, "quantbench_s": our_t, "speed_ratio": ref_t / our_t,
+            "reference_ppl": ref_value, "quantbench_ppl": metrics["ppl"], "quantbench_stderr": metrics["ppl_stderr"],
+            "scored_tokens": metrics["n_tokens"], "eval_tokens_per_s": metrics["eval_tokens_per_s"],
+            "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--chunks", type=int, default=40, help="llama-perplexity chunks of 512 (= quantbench max_windows)")
+    ap.add_argument("--loop-chars", type=int, default=40000, help="characters of WikiText-2 for the HF loop")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tool-cache", default=str(Path.home() / ".cache" / "quantbench"))
+    a = ap.parse_args()
+
+    hf_dir = ROOT / "resources" / "models" / a.model / "hf"
+    q4 = ROOT / "results" / a.model / "gguf" / "Q4_K_M" / "model.gguf"
+    for needed in (hf_dir, q4, textdata.cache_file(str(ROOT / "resources"))):
+        if not needed.exists():
+            sys.exit(f"{needed} is missing: run the default workflow first (README)")
+    tool = gguf.build_tool("llama-perplexity", Path(a.tool_cache) / f"llama.cpp-{gguf.LLAMA_CPP_PYTHON_PIN}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        raw = textdata.describe_text({"dataset": textdata.WIKITEXT}, str(ROOT / "resources"), "llamacpp")
+        raw_file = work / "wiki.test.raw"
+        raw_file.write_text(textdata.load_text(raw), encoding="utf-8")
+        spec = {"protocol": "llamacpp", "context": 512, "max_windows": a.chunks, "tokens": "gguf"}
+        results.append(compare(
+            "GGUF Q4_K_M, llamacpp protocol: llama-perplexity vs quantbench",
+            [str(tool), "-m", str(q4), "-f", str(raw_file), "-c", "512", "--chunks", str(a.chunks), "-t", str(a.threads)],
+            quantbench(work, raw, ["--gguf", str(q4)], ["--gguf", str(q4)], "gguf", spec, a.threads),
+            lambda out: float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1)), work, a.repeats))
+
+        joined = textdata.load_text(textdata.describe_text({"dataset": textdata.WIKITEXT}, str(ROOT / "resources")))
+        text_file = work / "wikitext-prefix.txt"
+        text_file.write_text(joined[:a.loop_chars], encoding="utf-8")
+        spec = {"protocol": "sliding-seed", "context": 2048, "stride": 512}
+        results.append(compare(
+            "FP16, sliding-seed protocol: Hugging Face loop vs quantbench",
+            [sys.executable, str(ROOT / "bench" / "hf_loop.py"), str(hf_dir), str(text_file), "2048", "512", str(a.threads)],
+            quantbench(work, {"kind": "text_file", "path": str(text_file)}, ["--hf", str(hf_dir)],
+                       ["--model-dir", str(hf_dir)], "baseline", spec, a.threads),
+            lambda out: float(re.search(r"ppl ([\d.]+)", out).group(1)), work, a.repeats))
+    for r in results:
+        print(f"{r['comparison']}\n  reference {r['reference_s']:.1f} s, quantbench {r['quantbench_s']:.1f} s "
+              f"(median of {a.repeats}) -> quantbench is {r['speed_ratio']:.2f}x the reference's speed\n"
+              f"  ppl: reference {r['reference_ppl']:.6f}, quantbench {r['quantbench_ppl']:.6f} "
+              f"± {r['quantbench_stderr']:.5f} over {r['scored_tokens']} scored tokens")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

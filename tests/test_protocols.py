@@ -1,0 +1,187 @@
+"""Each protocol gives exactly the numbers of the code it claims to follow, on the tiny model:
+the Hugging Face loop and the GPTQ repository's eval loop transcribed here as oracles, and
+llama.cpp's own llama-perplexity built from the pinned sources."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import share_tools, snakemake, write_config
+from quantbench import evaluate, textdata
+from quantbench.protocols import Protocol
+
+pytestmark = pytest.mark.integration
+
+
+def test_each_token_is_scored_once_by_sliding_and_gptq():
+    n = 1000
+    for proto in [Protocol("sliding", 256, 96), Protocol("gptq", 128, 128)]:
+        targets = [w.end - k for w in proto.windows(n) for k in range(1, w.n_scored + 1)]
+        assert len(targets) == len(set(targets)), proto.name
+    sliding = {w.end - k for w in Protocol("sliding", 256, 96).windows(n) for k in range(1, w.n_scored + 1)}
+    assert sliding == set(range(1, n))
+
+
+def test_sliding_seed_keeps_the_loops_quirks():
+    wins = Protocol("sliding-seed", 256, 96).windows(1000)
+    assert wins[-1].end == 1000 and wins[-1].n_scored == 96 and 1000 - wins[-2].end < 96  # scored twice
+    assert wins[0] == evaluate.Window(0, 96, 95)
+
+
+def test_llamacpp_scores_the_second_half_after_a_bos():
+    wins = Protocol("llamacpp", 512, 512).windows(2000, add_bos=True)
+    assert [(w.start, w.end, w.n_scored, w.bos) for w in wins] == [(i * 512, (i + 1) * 512, 255, True) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def stream(tiny, tmp_path_factory):
+    """The held-out text, tokenized by quantbench, and the model in fp32 as the oracles load it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("stream")
+    described = textdata.describe_text({"text_file": str(tiny["text"])}, str(out))
+    textdata.tokenize(described, out / "ids.npy", out / "meta.json", hf_dir=str(tiny["hf"]))
+    ids = np.load(out / "ids.npy")
+    encodings = AutoTokenizer.from_pretrained(tiny["hf"])(tiny["text"].read_text(), return_tensors="pt")
+    assert np.array_equal(encodings.input_ids[0].numpy(), ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=torch.float32).eval()
+    scorer = evaluate.TransformersScorer.load("baseline", {}, str(tiny["hf"]), threads=2)
+    return ids, encodings, model, scorer
+
+
+def _ppl(scorer, ids, protocol, batch_size=1):
+    record, _ = evaluate.score(scorer, ids, protocol.windows(ids.size), protocol, batch_size)
+    return record["ppl"]
+
+
+def test_sliding_seed_equals_the_hugging_face_loop(stream):
+    ids, encodings, model, scorer = stream
+    max_length, stride = 256, 96
+    assert encodings.input_ids.size(1) % stride not in (0, 1)  # the last window is shorter: the quirk shows
+    # The loop as users copy it (see the issue text), verbatim but for the model's device.
+    nlls = []
+    for i in range(0, encodings.input_ids.size(1), stride):
+        begin_loc = max(i + stride - max_length, 0)
+        end_loc = min(i + stride, encodings.input_ids.size(1))
+        input_ids = encodings.input_ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-stride] = -100
+        with torch.no_grad():
+            outputs = model(input_ids, labels=target_ids)
+            nlls.append(outputs.loss)
+    oracle = torch.exp(torch.stack(nlls).mean()).item()
+    ours = _ppl(scorer, ids, Protocol("sliding-seed", max_length, stride), batch_size=4)
+    assert ours == pytest.approx(oracle, rel=1e-5)
+
+
+def test_sliding_equals_the_corrected_recipe(stream):
+    ids, encodings, model, scorer = stream
+    max_length, stride = 256, 96
+    seq_len = encodings.input_ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings.input_ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        counted = int((target_ids[:, 1:] != -100).sum())  # labels the shifted loss averages over
+        nll_sum, n_tokens = nll_sum + loss.item() * counted, n_tokens + counted
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    assert n_tokens == seq_len - 1
+    ours = _ppl(scorer, ids, Protocol("sliding", max_length, stride))
+    assert ours == pytest.approx(math.exp(nll_sum / n_tokens), rel=1e-5)
+
+
+def test_gptq_equals_the_gptq_repository_eval_loop(stream):
+    ids, encodings, model, scorer = stream
+    seqlen = 128
+    testenc = encodings.input_ids
+    # GPTQ repository, llama.py llama_eval (and datautils.get_wikitext2), without the layer-by-layer offload.
+    nsamples = testenc.numel() // seqlen
+    nlls = []
+    for i in range(nsamples):
+        batch = testenc[:, (i * seqlen):((i + 1) * seqlen)]
+        with torch.no_grad():
+            lm_logits = model(batch).logits
+        shift_logits = lm_logits[:, :-1, :].contiguous()
+        shift_labels = batch[:, 1:]
+        loss = torch.nn.CrossEntropyLoss()(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+        nlls.append(loss.float() * seqlen)
+    oracle = torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item()
+    assert _ppl(scorer, ids, Protocol("gptq", seqlen, seqlen), batch_size=3) == pytest.approx(oracle, rel=1e-5)
+
+
+def test_kl_from_the_top_k_reference_is_a_tight_lower_bound(stream, tiny):
+    ids, _, model, base = stream
+    protocol = Protocol("gptq", 128, 128, max_windows=8)
+    wins = protocol.windows(ids.size)
+    _, exact_ref = evaluate.score(base, ids, wins, protocol, keep_top_k=10**6)  # k covers the vocabulary
+    _, top_ref = evaluate.score(base, ids, wins, protocol, keep_top_k=32)
+    assert exact_ref.top_ids.shape[1] == model.config.vocab_size and np.isneginf(exact_ref.tail_logp).all()
+    same, _ = evaluate.score(base, ids, wins, protocol, reference=exact_ref)
+    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agree"] == 1
+
+    nf4 = evaluate.TransformersScorer.load("bnb", {"mode": "nf4", "double_quant": False, "compute_dtype": "float32"},
+                                           str(tiny["hf"]), threads=2)
+    exact, _ = evaluate.score(nf4, ids, wins, protocol, reference=exact_ref)
+    approx, _ = evaluate.score(nf4, ids, wins, protocol, reference=top_ref)
+    # The exact path against KL computed directly from both models' full distributions.
+    direct = []
+    for w in wins:
+        window = torch.from_numpy(ids[w.start:w.end].astype(np.int64))[None]
+        with torch.no_grad():
+            p = torch.log_softmax(model(window).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(nf4.model(window).logits[0, :-1].double(), -1)
+        direct.append((p.exp() * (p - q)).sum(-1))
+    assert exact["kl_mean"] == pytest.approx(torch.cat(direct).mean().item(), rel=1e-4)
+    assert exact["kl_mean"] > 1e-4  # nf4 moves the distribution: the comparison is not vacuous
+    assert 0 <= exact["kl_mean"] - approx["kl_mean"] <= 0.02 * exact["kl_mean"]
+    assert approx["top1_agree"] == exact["top1_agree"] < 1
+    assert approx["delta_p_mean"] == pytest.approx(exact["delta_p_mean"], rel=1e-9)
+
+
+@pytest.fixture(scope="session")
+def llama_perplexity():
+    """llama.cpp's llama-perplexity, built once from the pinned llama-cpp-python sdist (cached)."""
+    from pathlib import Path
+
+    from quantbench import gguf
+
+    cache = Path.home() / ".cache" / "quantbench" / f"llama.cpp-{gguf.LLAMA_CPP_PYTHON_PIN}"
+    return gguf.build_tool("llama-perplexity", cache)
+
+
+def test_llamacpp_protocol_equals_llama_perplexity(tmp_path, tiny, tiny_gguf, converter, llama_perplexity):
+    share_tools(tmp_path, converter)
+    text = tmp_path / "eval.txt"
+    text.write_bytes(tiny["text"].read_bytes() + b"\r\nlast line\n")  # llama.cpp keeps \r, drops the final \n
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "gguf", "path": str(tiny_gguf)}},
+        "methods": {"gguf": {"variants": ["Q4_K_M"]}},
+        "eval": {"text": {"text_file": str(text)}, "protocol": "llamacpp", "context": 128, "tokens": "gguf"},
+    })
+    run = snakemake(tmp_path, config=cfg)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    metrics = json.loads((tmp_path / "results" / "tiny" / "gguf" / "Q4_K_M" / "metrics.json").read_text())
+    assert metrics["protocol"]["tokenizer"]["kind"] == "gguf"
+    ref = subprocess.run([str(llama_perplexity), "-m", str(tmp_path / "results" / "tiny" / "gguf" / "Q4_K_M" / "model.gguf"),
+                          "-f", str(text), "-c", "128", "-t", "2"], capture_output=True, text=True, check=True)
+    final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", ref.stdout + ref.stderr)
+    assert final, ref.stderr[-3000:]
+    assert f"{metrics['ppl']:.4f}" == final.group(1)
+    assert f"{metrics['ppl_stderr']:.5f}" == final.group(2)
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", ref.stderr)
+    assert int(chunks.group(1)) == metrics["protocol"]["n_windows"]
+    df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index("method")
+    assert df.loc["gguf", "kl_mean"] > 0 and 0 < df.loc["gguf", "top1_agree"] < 1
