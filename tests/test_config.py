@@ -101,7 +101,7 @@ def test_each_protocol_gets_its_reference_defaults(protocol, context, stride):
     cfg = fresh()
     cfg["eval"] = {"protocol": protocol}
     spec = qc.validate(cfg)["eval"]
-    assert (spec["context"], spec.get("stride"), spec["tokens"], spec["kl_top_k"]) == (context, stride, "hf", 128)
+    assert (spec["context"], spec.get("stride"), spec["tokens"]) == (context, stride, "hf")
 
 
 def test_k_quants_on_a_model_whose_rows_are_not_multiples_of_256(tmp_path):

@@ -122,33 +122,46 @@ def test_gptq_equals_the_gptq_repository_eval_loop(stream):
     assert _ppl(scorer, ids, Protocol("gptq", seqlen, seqlen), batch_size=3) == pytest.approx(oracle, rel=1e-5)
 
 
-def test_kl_from_the_top_k_reference_is_a_tight_lower_bound(stream, tiny):
+def test_kl_against_the_stored_reference_is_exact(stream, tiny, tmp_path):
     ids, _, model, base = stream
     protocol = Protocol("gptq", 128, 128, max_windows=8)
     wins = protocol.windows(ids.size)
-    _, exact_ref = evaluate.score(base, ids, wins, protocol, keep_top_k=10**6)  # k covers the vocabulary
-    _, top_ref = evaluate.score(base, ids, wins, protocol, keep_top_k=32)
-    assert exact_ref.top_ids.shape[1] == model.config.vocab_size and np.isneginf(exact_ref.tail_logp).all()
-    same, _ = evaluate.score(base, ids, wins, protocol, reference=exact_ref)
-    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agree"] == 1
+    _, ref = evaluate.score(base, ids, wins, protocol, keep_reference=True)
+    ref.save(tmp_path / "reference.npz")
+    ref = evaluate.Reference.load(tmp_path / "reference.npz")
+    assert ref.hidden.shape == (8 * 127, model.config.hidden_size)
+    same, _ = evaluate.score(base, ids, wins, protocol, reference=ref)
+    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agree"] == 1 and same["delta_p_rms"] < 1e-6
 
     nf4 = evaluate.TransformersScorer.load("bnb", {"mode": "nf4", "double_quant": False, "compute_dtype": "float32"},
                                            str(tiny["hf"]), threads=2)
-    exact, _ = evaluate.score(nf4, ids, wins, protocol, reference=exact_ref)
-    approx, _ = evaluate.score(nf4, ids, wins, protocol, reference=top_ref)
-    # The exact path against KL computed directly from both models' full distributions.
-    direct = []
+    got, _ = evaluate.score(nf4, ids, wins, protocol, reference=ref)
+    # KL, top-1 and Δp computed directly from both models' full distributions, as llama.cpp defines them.
+    p, q = [], []
     for w in wins:
         window = torch.from_numpy(ids[w.start:w.end].astype(np.int64))[None]
         with torch.no_grad():
-            p = torch.log_softmax(model(window).logits[0, :-1].double(), -1)
-            q = torch.log_softmax(nf4.model(window).logits[0, :-1].double(), -1)
-        direct.append((p.exp() * (p - q)).sum(-1))
-    assert exact["kl_mean"] == pytest.approx(torch.cat(direct).mean().item(), rel=1e-4)
-    assert exact["kl_mean"] > 1e-4  # nf4 moves the distribution: the comparison is not vacuous
-    assert 0 <= exact["kl_mean"] - approx["kl_mean"] <= 0.02 * exact["kl_mean"]
-    assert approx["top1_agree"] == exact["top1_agree"] < 1
-    assert approx["delta_p_mean"] == pytest.approx(exact["delta_p_mean"], rel=1e-9)
+            p.append(torch.log_softmax(model(window).logits[0, :-1].double(), -1))
+            q.append(torch.log_softmax(nf4.model(window).logits[0, :-1].double(), -1))
+    p, q = torch.cat(p), torch.cat(q)
+    kl = (p.exp() * (p - q)).sum(-1)
+    targets = torch.from_numpy(np.concatenate([ids[w.start + 1:w.end] for w in wins]).astype(np.int64))[:, None]
+    delta_p = q.gather(-1, targets).exp() - p.gather(-1, targets).exp()
+    assert kl.mean().item() > 1e-4  # nf4 moves the distribution: the comparison is not vacuous
+    assert got["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert got["kl_p99"] == pytest.approx(kl.quantile(0.99).item(), rel=1e-3)
+    assert got["top1_agree"] == pytest.approx((p.argmax(-1) == q.argmax(-1)).double().mean().item(), abs=1e-3)
+    assert got["top1_agree"] < 1
+    assert got["delta_p_mean"] == pytest.approx(delta_p.mean().item(), rel=1e-4, abs=1e-7)
+
+
+def test_a_reference_for_other_tokens_is_refused(stream):
+    ids, _, _, base = stream
+    protocol = Protocol("gptq", 128, 128, max_windows=2)
+    _, ref = evaluate.score(base, ids, protocol.windows(ids.size), protocol, keep_reference=True)
+    shifted = Protocol("gptq", 128, 128, max_windows=2, skip=1)
+    with pytest.raises(ValueError, match="scored other tokens"):
+        evaluate.score(base, ids, shifted.windows(ids.size), shifted, reference=ref)
 
 
 @pytest.fixture(scope="session")

@@ -24,36 +24,30 @@ ROWS = 512  # scored positions handled at once when comparing distributions (bou
 
 @dataclass
 class Reference:
-    """The FP16 baseline's next-token distribution at every scored position, kept as its top-k
-    log-probabilities and the log of the mass outside them: 8k + 12 bytes a token. KL from it is
-    the KL with the tail merged into one outcome, a lower bound of the exact KL (exact once k
-    covers the vocabulary)."""
+    """The FP16 baseline's next-token distribution at every scored position, stored exactly and
+    compactly: the hidden state entering the output head (hidden_size floats a token) and the head
+    itself, once. The distributions are recomputed from them, so KL, top-1 agreement and Δp are
+    exact, not a top-k approximation, at 4 * hidden_size + 8 bytes a token."""
     targets: np.ndarray       # int32 [T]: the scored token ids, to prove both sides scored the same
     target_logp: np.ndarray   # float32 [T]
-    top_ids: np.ndarray       # int32 [T, k], most likely first
-    top_logp: np.ndarray      # float32 [T, k]
-    tail_logp: np.ndarray     # float32 [T]; -inf when k covers the vocabulary
+    hidden: np.ndarray        # float32 [T, H]: input of the output head at each scored position
+    head: np.ndarray          # float32 [V, H]
+    head_bias: np.ndarray     # float32 [V], or [0] without a bias
+    logit_scale: np.ndarray   # float32 [2]: multiplier, then soft cap (0: none), as the model's forward applies
 
     @classmethod
-    def of(cls, logprobs, targets, target_logp, k: int) -> Reference:
-        import torch
-
-        k = min(k, logprobs.shape[-1])
-        parts = []
-        for lp in logprobs.split(ROWS):
-            top_logp, top_ids = lp.topk(k, dim=-1)
-            parts.append((top_ids, top_logp, torch.logsumexp(lp.scatter(-1, top_ids, -math.inf), -1)))
-        ids, logp, tail = (torch.cat(x).numpy() for x in zip(*parts))
-        return cls(targets.numpy().astype(np.int32), target_logp.numpy(), ids.astype(np.int32), logp, tail)
+    def head_of(cls, model) -> dict:
+        """The output head and what the model's forward does to its logits (Cohere, Granite, Gemma 2)."""
+        head, cfg = model.get_output_embeddings(), model.config
+        scale = getattr(cfg, "logit_scale", None) or 1 / (getattr(cfg, "logits_scaling", None) or 1)
+        bias = head.bias.detach().float().cpu().numpy() if getattr(head, "bias", None) is not None else np.zeros(0, np.float32)
+        return {"head": head.weight.detach().float().cpu().numpy(), "head_bias": bias,
+                "logit_scale": np.array([scale, getattr(cfg, "final_logit_softcapping", None) or 0], np.float32)}
 
     @classmethod
     def empty(cls) -> Reference:
-        return cls(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, 0), np.int32),
-                   np.zeros((0, 0), np.float32), np.zeros(0, np.float32))
-
-    @classmethod
-    def concat(cls, parts: list[Reference]) -> Reference:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+        z = np.zeros(0, np.float32)
+        return cls(np.zeros(0, np.int32), z, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), z, z)
 
     def save(self, path: str) -> None:
         with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -64,25 +58,30 @@ class Reference:
         with np.load(path) as z:
             return cls(*(z[f] for f in cls.__dataclass_fields__))
 
+    def logprobs(self, rows: slice):
+        """The reference's log-probabilities at scored positions `rows`, [n, V] float32."""
+        import torch
+
+        logits = torch.from_numpy(self.hidden[rows]) @ torch.from_numpy(self.head).T
+        if self.head_bias.size:
+            logits += torch.from_numpy(self.head_bias)
+        scale, softcap = (float(x) for x in self.logit_scale)
+        logits = logits * scale
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return torch.log_softmax(logits, dim=-1)
+
     def compare(self, logprobs, targets, target_logp, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per scored token: KL(reference || cell), whether the top-1 tokens agree, and Δp of the
         target (cell minus reference), for the reference rows [offset, offset + len(targets))."""
-        import torch
-
         rows = slice(offset, offset + len(targets))
         if not np.array_equal(self.targets[rows], targets.numpy()):
             raise ValueError("the FP16 reference scored other tokens: it was made for another protocol or text")
         kl, top1 = [], []
         for i, lp in zip(range(0, len(targets), ROWS), logprobs.split(ROWS)):
-            part = slice(offset + i, offset + i + len(lp))
-            ids = torch.from_numpy(self.top_ids[part].astype(np.int64))
-            p_logp = torch.from_numpy(self.top_logp[part]).double()
-            p_tail = torch.from_numpy(self.tail_logp[part]).double()
-            q_tail = torch.logsumexp(lp.scatter(-1, ids, -math.inf), -1).double()
-            kl_top = (p_logp.exp() * (p_logp - lp.gather(-1, ids).double())).sum(-1)
-            kl_tail = torch.where(p_tail > -math.inf, p_tail.exp() * (p_tail - q_tail), 0.0)
-            kl.append((kl_top + kl_tail).numpy())
-            top1.append((lp.argmax(-1) == ids[:, 0]).numpy())
+            p = self.logprobs(slice(offset + i, offset + i + len(lp))).double()
+            kl.append((p.exp() * (p - lp.double())).sum(-1).numpy())
+            top1.append((lp.argmax(-1) == p.argmax(-1)).numpy())
         delta_p = np.exp(target_logp.double().numpy()) - np.exp(self.target_logp[rows].astype(np.float64))
         return np.concatenate(kl), np.concatenate(top1), delta_p
 
@@ -104,14 +103,15 @@ def _shape(w: Window) -> tuple:
 
 
 def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, batch_size: int = 1,
-          bos_id: int | None = None, reference: Reference | None = None, keep_top_k: int = 0):
+          bos_id: int | None = None, reference: Reference | None = None, keep_reference: bool = False):
     """Score `wins` of `tokens`: perplexity and costs, the distances from `reference` when given,
-    and (keep_top_k > 0) this cell's distributions as a new Reference."""
+    and (keep_reference, transformers only) this cell's distributions as a new Reference."""
     import torch
 
     nlls, kl, top1, delta_p, kept = [], [], [], [], []
     offset = fed = 0
     t0 = time.perf_counter()
+    batch_size = getattr(scorer, "windows_per_batch", batch_size)  # llama.cpp batches as llama-perplexity does
     for group in _batches(wins, batch_size):
         n = group[0].n_scored
         ids = np.stack([tokens[w.start:w.end] for w in group]).astype(np.int64)
@@ -125,8 +125,9 @@ def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, ba
         if reference is not None:
             for acc, values in zip((kl, top1, delta_p), reference.compare(logprobs, targets, target_logp, offset)):
                 acc.append(values)
-        if keep_top_k:
-            kept.append(Reference.of(logprobs, targets, target_logp, keep_top_k))
+        if keep_reference:
+            kept.append((targets.numpy().astype(np.int32), target_logp.numpy(),
+                         scorer.head_input.reshape(len(targets), -1).float().cpu().numpy()))
         offset += len(targets)
         fed += ids.size
     eval_s = time.perf_counter() - t0
@@ -136,7 +137,14 @@ def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, ba
         "eval_s": eval_s, "eval_tokens_fed": fed, "eval_tokens_per_s": fed / eval_s}
     if reference is not None:
         record |= distances(np.concatenate(kl), np.concatenate(top1), np.concatenate(delta_p))
-    return record, (Reference.concat(kept) if keep_top_k else None)
+    if not keep_reference:
+        return record, None
+    kept = Reference(*(np.concatenate(x) for x in zip(*kept)), **Reference.head_of(scorer.model))
+    check = slice(0, min(ROWS, len(kept.targets)))  # the stored head must reproduce the model's own numbers
+    ids = torch.from_numpy(kept.targets[check].astype(np.int64))[:, None]
+    if not np.allclose(kept.logprobs(check).gather(-1, ids)[:, 0].numpy(), kept.target_logp[check], rtol=1e-4, atol=1e-3):
+        raise ValueError("the model's output head cannot be recomputed from its hidden states and weights")
+    return record, kept
 
 
 def _perplexity(nlls: list[np.ndarray], window_mean: bool) -> dict:
@@ -186,6 +194,8 @@ class TransformersScorer:
         self.dtype = model.dtype
         self.backend = backend
         self.weight_bytes = model.get_memory_footprint()
+        self.head_input = None  # what entered the output head in the last forward (for the FP16 reference)
+        model.get_output_embeddings().register_forward_pre_hook(lambda _, args: setattr(self, "head_input", args[0]))
 
     @classmethod
     def load(cls, method: str, params: dict, model_dir: str, threads: int) -> TransformersScorer:
@@ -264,7 +274,12 @@ def _checkpoint_dtype(model_dir: str) -> str | None:
 
 
 class LlamaCppScorer:
-    """A GGUF model in llama.cpp, fed token ids directly (no llama.cpp tokenization)."""
+    """A GGUF model in llama.cpp, fed token ids directly (no llama.cpp tokenization), decoding as
+    llama-perplexity does: windows of n_ctx go n_batch / n_ctx at a time into one llama_decode
+    (n_batch 2048, n_ubatch 512, one KV cache per sequence), logits requested from the first
+    scored position to the window's end. The same batches give the same floating-point sums."""
+
+    N_BATCH, N_UBATCH = 2048, 512  # llama-perplexity's defaults
 
     def __init__(self, gguf_path: str, context: int, threads: int):
         import llama_cpp as L
@@ -277,43 +292,52 @@ class LlamaCppScorer:
         self.model = L.llama_model_load_from_file(gguf_path.encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+        self.windows_per_batch = max(1, self.N_BATCH // context)
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = context
-        cparams.n_ubatch = min(context, 512)
+        cparams.n_ctx = context * self.windows_per_batch
+        cparams.n_batch = min(self.N_BATCH, cparams.n_ctx)
+        cparams.n_ubatch = self.N_UBATCH
+        cparams.n_seq_max = self.windows_per_batch
+        cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = threads
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {context} tokens")
+            raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
+        self.n_batch = cparams.n_batch
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.batch = L.llama_batch_init(context, 0, 1)
-        self.context = context
-        for i in range(context):
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
 
     @property
     def info(self) -> dict:
         return {"backend": "llama.cpp", "device": "cuda" if self.gpu else "cpu", "compute_dtype": "gguf"}
 
     def logprobs(self, ids: np.ndarray, n_scored: int):
+        """Log-probabilities of the last n_scored tokens of each window (rows of ids, one sequence each)."""
         import torch
 
-        L, out = self.L, []
-        for row in ids:
-            n = len(row)
-            np.ctypeslib.as_array(self.batch.token, shape=(n,))[:] = row
-            np.ctypeslib.as_array(self.batch.pos, shape=(n,))[:] = np.arange(n)
-            flags = np.ctypeslib.as_array(self.batch.logits, shape=(n,))
-            flags[:] = 0
-            flags[n - n_scored - 1:n - 1] = 1  # logits at position p predict token p + 1
-            self.batch.n_tokens = n
-            L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        L, (n_seq, n) = self.L, ids.shape
+        first = n - n_scored - 1  # logits at position p predict token p + 1; the last one predicts nothing
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        out = []
+        for start in range(0, n, self.n_batch):  # several batches only when one window exceeds n_batch
+            size = min(n - start, self.n_batch)
+            count = size * n_seq
+            positions = np.tile(np.arange(start, start + size), n_seq)
+            np.ctypeslib.as_array(self.batch.token, shape=(count,))[:] = ids[:, start:start + size].reshape(-1)
+            np.ctypeslib.as_array(self.batch.pos, shape=(count,))[:] = positions
+            np.ctypeslib.as_array(self.batch.n_seq_id, shape=(count,))[:] = 1
+            np.ctypeslib.as_array(self.batch.logits, shape=(count,))[:] = positions >= first
+            for k in range(count):
+                self.batch.seq_id[k][0] = k // size
+            self.batch.n_tokens = count
             rc = L.llama_decode(self.ctx, self.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
-            logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_scored, self.n_vocab))
-            out.append(torch.log_softmax(torch.from_numpy(logits.copy()), dim=-1))
-        return torch.stack(out)
+            n_out = int((positions >= first).sum())
+            if n_out:
+                out.append(np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)).copy())
+        logits = torch.from_numpy(np.concatenate(out)).reshape(n_seq, n_scored + 1, self.n_vocab)[:, :-1]
+        return torch.log_softmax(logits, dim=-1)
 
     def peak_vram_mb(self) -> float | None:
         return None
@@ -361,9 +385,8 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
         if ref is not None and ref.targets.size == 0:
             ref, record["kl_error"] = None, "the FP16 baseline did not run, so there is no reference to compare with"
         scorer = open_scorer()
-        top_k = eval_spec.get("kl_top_k", 128) if write_reference else 0
         scores, kept = score(scorer, tokens, wins, protocol, eval_spec.get("batch_size", 1),
-                             meta["tokenizer"]["bos_token_id"], ref, top_k)
+                             meta["tokenizer"]["bos_token_id"], ref, keep_reference=bool(write_reference))
         record |= scores
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": scorer.peak_vram_mb(), **scorer.info}
         if cell["method"] in LOAD_TIME:
@@ -381,7 +404,6 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
         kept.save(write_reference)
         if kept.targets.size:
             record |= {"kl_mean": 0.0, "top1_agree": 1.0, "reference": {
-                "top_k": int(kept.top_ids.shape[1]), "bytes_per_token": 8 * int(kept.top_ids.shape[1]) + 12,
-                "bytes": Path(write_reference).stat().st_size,
-                "tail_mass_mean": float(np.exp(kept.tail_logp.astype(np.float64)).mean())}}
+                "bytes": Path(write_reference).stat().st_size, "bytes_per_token": 4 * kept.hidden.shape[1] + 8,
+                "head_bytes": kept.head.nbytes + kept.head_bias.nbytes}}
     return record

@@ -69,8 +69,7 @@ def markdown(df: pd.DataFrame, models: dict) -> str:
         f"tokenizer {first.get('protocol_tokenizer')}, text sha256 `{str(first.get('protocol_text_sha256'))[:16]}…`. "
         "ΔPPL % = (ppl − ppl_FP16) / ppl_FP16 × 100; size_ratio = size / FP16 size. "
         "kl_mean, kl_p99: KL(FP16 ‖ cell) of the next-token distributions over the scored tokens, mean and "
-        "99th percentile (nats), from the FP16 baseline's top-k log-probabilities with the rest merged: a lower "
-        "bound of the exact KL; top1_agree: share of scored positions whose most likely token is FP16's. "
+        "99th percentile (nats); top1_agree: share of scored positions whose most likely token is FP16's. "
         "The FP16 baseline is computed in the dtype named in compute_dtype (fp32 on a CPU). "
         "tensor_types: the share of weights a GGUF stores in each type (llama.cpp falls back from a "
         "k-quant to a legacy type for rows whose length is not a multiple of 256).",
