@@ -47,7 +47,7 @@ def _quantize(a):
     from . import gguf, io
 
     info = gguf.quantize(a.src, a.dst, a.type, a.threads)
-    io.write_json(a.info, info)
+    io.write_json(a.info, info | gguf.stats(a.dst))  # read once here, not by every evaluation
 
 
 def _eval(a):
@@ -61,7 +61,7 @@ def _eval(a):
         if extra.get("status", "ok") != "ok":
             raise RuntimeError(f"quantization failed: {extra['error']}")
         if a.gguf:
-            return gguf.stats(a.gguf) | extra
+            return extra if "tensor_types" in extra else gguf.stats(a.gguf) | extra
         stats = evaluate.safetensors_stats(a.model_dir)
         if method in evaluate.LOAD_TIME:  # nothing on disk: size is the in-memory footprint, known once loaded
             return {"n_params": stats["n_params"]}

@@ -117,16 +117,19 @@ def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, ba
         ids = np.stack([tokens[w.start:w.end] for w in group]).astype(np.int64)
         if group[0].bos:
             ids[:, 0] = bos_id
-        logprobs = scorer.logprobs(ids, n)                        # [B, n, vocab] float32
-        logprobs = logprobs.reshape(-1, logprobs.shape[-1])
+        logprobs = scorer.logits(ids, n)                          # [B * n, vocab] float32, our own copy
         targets = torch.from_numpy(ids[:, -n:].reshape(-1))
-        target_logp = logprobs.gather(-1, targets[:, None])[:, 0]
+        # log-softmax as llama-perplexity computes it: float exponentials, summed in double
+        logprobs -= logprobs.amax(-1, keepdim=True)
+        log_norm = logprobs.exp().sum(-1, dtype=torch.float64).log()
+        target_logp = logprobs.gather(-1, targets[:, None])[:, 0].double() - log_norm
+        logprobs -= log_norm.float()[:, None]
         nlls += list((-target_logp.double()).reshape(len(group), n).numpy())
         if reference is not None:
             for acc, values in zip((kl, top1, delta_p), reference.compare(logprobs, targets, target_logp, offset)):
                 acc.append(values)
         if keep_reference:
-            kept.append((targets.numpy().astype(np.int32), target_logp.numpy(),
+            kept.append((targets.numpy().astype(np.int32), target_logp.float().numpy(),
                          scorer.head_input.reshape(len(targets), -1).float().cpu().numpy()))
         offset += len(targets)
         fed += ids.size
@@ -240,8 +243,9 @@ class TransformersScorer:
             "weight_memory_mb": self.weight_bytes / 2**20,
         }
 
-    def logprobs(self, ids: np.ndarray, n_scored: int):
-        """Log-probabilities of the last n_scored tokens; the output head runs on those positions only."""
+    def logits(self, ids: np.ndarray, n_scored: int):
+        """Logits predicting the last n_scored tokens, [B * n_scored, vocab] float32 on the CPU; the output
+        head runs on those positions only."""
         import torch
 
         length = ids.shape[1]
@@ -249,7 +253,7 @@ class TransformersScorer:
             batch = torch.from_numpy(ids).to(self.device)
             keep = torch.arange(length - n_scored - 1, length - 1, device=self.device)
             logits = self.model(input_ids=batch, logits_to_keep=keep).logits
-            return torch.log_softmax(logits.float(), dim=-1).cpu()
+            return logits.float().reshape(-1, logits.shape[-1]).cpu()
 
     def peak_vram_mb(self) -> float | None:
         import torch
@@ -311,8 +315,9 @@ class LlamaCppScorer:
     def info(self) -> dict:
         return {"backend": "llama.cpp", "device": "cuda" if self.gpu else "cpu", "compute_dtype": "gguf"}
 
-    def logprobs(self, ids: np.ndarray, n_scored: int):
-        """Log-probabilities of the last n_scored tokens of each window (rows of ids, one sequence each)."""
+    def logits(self, ids: np.ndarray, n_scored: int):
+        """Logits predicting the last n_scored tokens of each window (rows of ids, one sequence each),
+        [B * n_scored, vocab] float32."""
         import torch
 
         L, (n_seq, n) = self.L, ids.shape
@@ -335,9 +340,9 @@ class LlamaCppScorer:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             n_out = int((positions >= first).sum())
             if n_out:
-                out.append(np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)).copy())
-        logits = torch.from_numpy(np.concatenate(out)).reshape(n_seq, n_scored + 1, self.n_vocab)[:, :-1]
-        return torch.log_softmax(logits, dim=-1)
+                out.append(np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)))
+        logits = out[0] if len(out) == 1 else np.concatenate(out)  # views of llama.cpp's buffer: copy once
+        return torch.tensor(logits.reshape(n_seq, n_scored + 1, self.n_vocab)[:, :-1]).reshape(-1, self.n_vocab)
 
     def peak_vram_mb(self) -> float | None:
         return None
