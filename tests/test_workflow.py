@@ -82,8 +82,11 @@ def test_summary_has_a_finite_row_per_cell(tiny_run):
     df = pd.read_csv(tiny_run / "results" / "report" / "summary.csv")
     assert len(df) == 8
     assert set(df["status"]) == {"ok"}
-    for col in ["ppl", "ppl_stderr", "size_bytes", "bits_per_weight", "eval_tokens_per_s", "peak_rss_mb"]:
+    for col in ["ppl", "ppl_stderr", "kl_mean", "kl_p99", "top1_agree", "size_bytes", "bits_per_weight",
+                "eval_tokens_per_s", "peak_rss_mb"]:
         assert df[col].map(math.isfinite).all(), col
+    baseline = df[df["method"] == "baseline"]
+    assert (baseline["kl_mean"] == 0).all() and (baseline["top1_agree"] == 1).all()
     assert (tiny_run / "results" / "report" / "summary.md").read_text().count("| tiny-") == 8
 
 
@@ -97,6 +100,7 @@ def test_numbers_behave_like_quantization(tiny_run):
         assert q4["size_bytes"] < q6["size_bytes"] < q8["size_bytes"] < base["size_bytes"]
         assert q4["bits_per_weight"] < q6["bits_per_weight"] < q8["bits_per_weight"] < base["bits_per_weight"] == 16
         assert q4["ppl"] >= q8["ppl"] * 0.999
+        assert -1e-6 < q8["kl_mean"] < q4["kl_mean"] < 0.5 and q4["top1_agree"] <= q8["top1_agree"]
 
 
 def test_every_cell_scored_the_same_tokens(tiny_run):

@@ -108,6 +108,13 @@ def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, ba
     and (keep_reference, transformers only) this cell's distributions as a new Reference."""
     import torch
 
+    with torch.inference_mode():
+        return _score(scorer, tokens, wins, protocol, batch_size, bos_id, reference, keep_reference)
+
+
+def _score(scorer, tokens, wins, protocol, batch_size, bos_id, reference, keep_reference):
+    import torch
+
     nlls, kl, top1, delta_p, kept = [], [], [], [], []
     offset = fed = 0
     t0 = time.perf_counter()
