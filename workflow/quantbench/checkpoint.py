@@ -91,7 +91,8 @@ def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | N
         sys.stderr.write(proc.stderr)
         if proc.returncode == 0 and result.is_file():
             return json.loads(result.read_text())
-    errors = re.findall(r"^(\w*(?:Error|Exception)\b.*)$", proc.stderr, flags=re.M)
+    # The last "SomethingError: message"; worker threads may glue it to a traceback line ("^^ValueError: ...").
+    errors = re.findall(r"\b(\w+(?:Error|Exception): .+)$", proc.stderr, flags=re.MULTILINE)
     raise RuntimeError(errors[-1] if errors else f"quantization exited with code {proc.returncode}")
 
 

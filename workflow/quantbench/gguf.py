@@ -67,9 +67,12 @@ def build_tool(target: str, out_dir: str | os.PathLike, version: str = LLAMA_CPP
         options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                    "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
-        cmake = shutil.which("cmake", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        cmake, ninja = shutil.which("cmake", path=search), shutil.which("ninja", path=search)
         if not cmake:
             raise RuntimeError("building llama.cpp tools needs cmake (pip install cmake)")
+        if ninja:
+            options += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         subprocess.run([cmake, "-S", src, "-B", build, *options], check=True)
         subprocess.run([cmake, "--build", build, "--target", target, "-j", str(jobs)], check=True)
         with io.atomic_path(binary) as tmp_binary:

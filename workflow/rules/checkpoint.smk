@@ -10,7 +10,7 @@ rule calibration_tokens:
         ids="results/{model}/data/calib_tokens.npy",
         meta="results/{model}/data/calib_tokens.json",
     params:
-        spec=json.dumps(config["calibration"]),
+        spec=json.dumps(config["calibration"], sort_keys=True),
     log:
         "results/logs/calibration/{model}.log",
     benchmark:

@@ -13,7 +13,7 @@ def cell_json(model, method, variant):
 # With eval-holdout calibration, the leading tokens that calibrate GPTQ/AWQ are never scored, in any cell.
 CALIBRATED = any(cell.method in qbcheckpoint.CALIBRATED for cell in CELLS)
 SKIP_TOKENS = qbcalibration.holdout_tokens(config["calibration"]) if CALIBRATED else 0
-EVAL_JSON = json.dumps({**config["eval"], "skip_tokens": SKIP_TOKENS})
+EVAL_JSON = json.dumps({**config["eval"], "skip_tokens": SKIP_TOKENS}, sort_keys=True)
 
 
 # The FP16 baseline's next-token distributions, stored once per model; every other cell's KL reads it.

@@ -3,7 +3,7 @@ rule download_model:
         directory(f"{RESOURCES}/models/{{model}}/hf"),
     params:
         # the note is prose for the report: editing it must not re-download the model
-        spec=lambda w: json.dumps({k: v for k, v in config["models"][w.model].items() if k != "note"}),
+        spec=lambda w: json.dumps({k: v for k, v in config["models"][w.model].items() if k != "note"}, sort_keys=True),
         cache=f"{RESOURCES}/cache",
     log:
         "results/logs/download/{model}.log",

@@ -6,7 +6,7 @@ rule report:
         csv="results/report/summary.csv",
         md="results/report/summary.md",
     params:
-        models=json.dumps(config["models"]),
+        models=json.dumps(config["models"], sort_keys=True),
     log:
         "results/logs/report.log",
     benchmark:
