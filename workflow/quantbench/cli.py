@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dst", required=True)
     p.add_argument("--type", required=True)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--info", required=True, help="where to write quantize time")
+    p.add_argument("--info", required=True, help="where to write quantize time and the GGUF's size and tensor types")
     p.set_defaults(func=_quantize)
 
     p = sub.add_parser("eval", help="score one cell on the shared token stream")
