@@ -44,10 +44,11 @@ def quantbench(work: Path, text: dict, tokenizer: list[str], model: list[str], m
 
 
 def compare(name: str, reference: list[str], ours: list[list[str]], parse, work: Path, repeats: int) -> dict:
-    """Median wall times of the reference and of quantbench's evaluation stage (tokenizing runs once
-    per model and is shared by every cell; shown separately)."""
+    """Wall times of the reference and of quantbench's evaluation stage, run in turn; the ratio is the
+    median of the pair-by-pair ratios, so that drifts in machine speed hit both sides alike. Tokenizing
+    runs once per model and is shared by every cell: shown separately."""
     times = {"reference": [], "tokenize": [], "evaluate": []}
-    for _ in range(repeats):  # alternate, so drifts in machine load hit both sides alike
+    for _ in range(repeats):
         t, out = timed(reference)
         times["reference"].append(t)
         ref_value = parse(out)
@@ -55,12 +56,15 @@ def compare(name: str, reference: list[str], ours: list[list[str]], parse, work:
             times[stage].append(timed(cmd)[0])
     metrics = json.loads((work / "metrics.json").read_text())
     ref_t, tok_t, eval_t = (statistics.median(times[k]) for k in ("reference", "tokenize", "evaluate"))
+    pairs = list(zip(times["reference"], times["evaluate"], times["tokenize"]))
+    per_cell = statistics.median(r / e for r, e, _ in pairs)
+    with_tokenize = statistics.median(r / (e + t) for r, e, t in pairs)
     print(f"{name}\n  reference {ref_t:.1f} s; quantbench evaluate {eval_t:.1f} s (+ tokenize once per model "
-          f"{tok_t:.1f} s), medians of {repeats}\n  speed vs the reference: {ref_t / eval_t:.2f}x per cell, "
-          f"{ref_t / (eval_t + tok_t):.2f}x with tokenizing\n  ppl: reference {ref_value:.6f}, quantbench "
+          f"{tok_t:.1f} s), medians of {repeats}\n  speed vs the reference (median of pair ratios): {per_cell:.2f}x "
+          f"per cell, {with_tokenize:.2f}x with tokenizing\n  ppl: reference {ref_value:.6f}, quantbench "
           f"{metrics['ppl']:.6f} ± {metrics['ppl_stderr']:.5f} over {metrics['n_tokens']} scored tokens", flush=True)
     return {"comparison": name, "reference_s": ref_t, "evaluate_s": eval_t, "tokenize_s": tok_t,
-            "ratio_per_cell": ref_t / eval_t, "ratio_with_tokenize": ref_t / (eval_t + tok_t),
+            "ratio_per_cell": per_cell, "ratio_with_tokenize": with_tokenize,
             "reference_ppl": ref_value, "quantbench_ppl": metrics["ppl"], "quantbench_stderr": metrics["ppl_stderr"],
             "scored_tokens": metrics["n_tokens"], "eval_tokens_per_s": metrics["eval_tokens_per_s"],
             "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()}}

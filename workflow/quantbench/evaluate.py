@@ -11,6 +11,7 @@ import math
 import struct
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from . import io
 from .protocols import Protocol, Window
 
 ROWS = 512  # scored positions handled at once when comparing distributions (bounds memory)
+SOFTMAX_ROWS = 64  # rows a thread normalizes at once: their exponentials stay in cache
 
 
 @dataclass
@@ -71,18 +73,22 @@ class Reference:
             logits = softcap * torch.tanh(logits / softcap)
         return torch.log_softmax(logits, dim=-1)
 
-    def compare(self, logprobs, targets, target_logp, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per scored token: KL(reference || cell), whether the top-1 tokens agree, and Δp of the
-        target (cell minus reference), for the reference rows [offset, offset + len(targets))."""
+    def compare(self, logprobs: np.ndarray, targets: np.ndarray, target_logp: np.ndarray,
+                offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per scored token of one window: KL(reference || cell), whether the top-1 tokens agree, and
+        Δp of the target (cell minus reference), for the reference rows [offset, offset + len(targets))."""
+        import torch
+
         rows = slice(offset, offset + len(targets))
-        if not np.array_equal(self.targets[rows], targets.numpy()):
+        if not np.array_equal(self.targets[rows], targets):
             raise ValueError("the FP16 reference scored other tokens: it was made for another protocol or text")
         kl, top1 = [], []
-        for i, lp in zip(range(0, len(targets), ROWS), logprobs.split(ROWS)):
+        for i in range(0, len(targets), ROWS):
+            lp = torch.from_numpy(logprobs[i:i + ROWS])
             p = self.logprobs(slice(offset + i, offset + i + len(lp))).double()
             kl.append((p.exp() * (p - lp.double())).sum(-1).numpy())
             top1.append((lp.argmax(-1) == p.argmax(-1)).numpy())
-        delta_p = np.exp(target_logp.double().numpy()) - np.exp(self.target_logp[rows].astype(np.float64))
+        delta_p = np.exp(target_logp) - np.exp(self.target_logp[rows].astype(np.float64))
         return np.concatenate(kl), np.concatenate(top1), delta_p
 
 
@@ -103,43 +109,33 @@ def _shape(w: Window) -> tuple:
 
 
 def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, batch_size: int = 1,
-          bos_id: int | None = None, reference: Reference | None = None, keep_reference: bool = False):
+          bos_id: int | None = None, reference: Reference | None = None, keep_reference: bool = False,
+          threads: int = 1):
     """Score `wins` of `tokens`: perplexity and costs, the distances from `reference` when given,
     and (keep_reference, transformers only) this cell's distributions as a new Reference."""
-    import torch
-
-    with torch.inference_mode():
-        return _score(scorer, tokens, wins, protocol, batch_size, bos_id, reference, keep_reference)
-
-
-def _score(scorer, tokens, wins, protocol, batch_size, bos_id, reference, keep_reference):
-    import torch
-
     nlls, kl, top1, delta_p, kept = [], [], [], [], []
     offset = fed = 0
     t0 = time.perf_counter()
     batch_size = getattr(scorer, "windows_per_batch", batch_size)  # llama.cpp batches as llama-perplexity does
-    for group in _batches(wins, batch_size):
-        n = group[0].n_scored
-        ids = np.stack([tokens[w.start:w.end] for w in group]).astype(np.int64)
-        if group[0].bos:
-            ids[:, 0] = bos_id
-        logprobs = scorer.logits(ids, n)                          # [B * n, vocab] float32, our own copy
-        targets = torch.from_numpy(ids[:, -n:].reshape(-1))
-        # log-softmax as llama-perplexity computes it: float exponentials, summed in double
-        logprobs -= logprobs.amax(-1, keepdim=True)
-        log_norm = logprobs.exp().sum(-1, dtype=torch.float64).log()
-        target_logp = logprobs.gather(-1, targets[:, None])[:, 0].double() - log_norm
-        logprobs -= log_norm.float()[:, None]
-        nlls += list((-target_logp.double()).reshape(len(group), n).numpy())
-        if reference is not None:
-            for acc, values in zip((kl, top1, delta_p), reference.compare(logprobs, targets, target_logp, offset)):
-                acc.append(values)
-        if keep_reference:
-            kept.append((targets.numpy().astype(np.int32), target_logp.float().numpy(),
-                         scorer.head_input.reshape(len(targets), -1).float().cpu().numpy()))
-        offset += len(targets)
-        fed += ids.size
+    with ThreadPoolExecutor(threads) as pool:
+        for group in _batches(wins, batch_size):
+            n = group[0].n_scored
+            ids = np.stack([tokens[w.start:w.end] for w in group]).astype(np.int64)
+            if group[0].bos:
+                ids[:, 0] = bos_id
+            logits = scorer.logits(ids, n)  # [B, n, vocab] float32, ours to overwrite
+            targets = ids[:, -n:]
+            target_logp = log_softmax(logits, targets, pool, full=reference is not None)
+            nlls += list(-target_logp)
+            for b in range(len(group)) if reference is not None else ():
+                for acc, values in zip((kl, top1, delta_p), reference.compare(
+                        logits[b], targets[b], target_logp[b], offset + b * n)):
+                    acc.append(values)
+            if keep_reference:
+                kept.append((targets.reshape(-1).astype(np.int32), target_logp.reshape(-1).astype(np.float32),
+                             scorer.head_input.reshape(targets.size, -1).float().cpu().numpy()))
+            offset += targets.size
+            fed += ids.size
     eval_s = time.perf_counter() - t0
     if reference is not None and offset != reference.targets.size:
         raise ValueError(f"the FP16 reference has {reference.targets.size} scored tokens, this cell {offset}")
@@ -151,10 +147,31 @@ def _score(scorer, tokens, wins, protocol, batch_size, bos_id, reference, keep_r
         return record, None
     kept = Reference(*(np.concatenate(x) for x in zip(*kept)), **Reference.head_of(scorer.model))
     check = slice(0, min(ROWS, len(kept.targets)))  # the stored head must reproduce the model's own numbers
-    ids = torch.from_numpy(kept.targets[check].astype(np.int64))[:, None]
-    if not np.allclose(kept.logprobs(check).gather(-1, ids)[:, 0].numpy(), kept.target_logp[check], rtol=1e-4, atol=1e-3):
+    ids = kept.targets[check].astype(np.int64)[:, None]
+    if not np.allclose(np.take_along_axis(kept.logprobs(check).numpy(), ids, -1)[:, 0], kept.target_logp[check],
+                       rtol=1e-4, atol=1e-3):
         raise ValueError("the model's output head cannot be recomputed from its hidden states and weights")
     return record, kept
+
+
+def log_softmax(logits: np.ndarray, targets: np.ndarray, pool: ThreadPoolExecutor, full: bool) -> np.ndarray:
+    """The targets' log-probabilities [B, n] (float64) from logits [B, n, V], computed as llama-perplexity
+    does: float exponentials summed in double. Rows are split over the pool's threads (numpy releases the
+    GIL); with `full`, logits are turned into log-probabilities in place (for the KL comparison)."""
+    out = np.empty(targets.shape)
+
+    def rows(b: int, r: slice) -> None:
+        x = logits[b, r]
+        x -= x.max(-1, keepdims=True)
+        log_norm = np.log(np.exp(x).sum(-1, dtype=np.float64))
+        out[b, r] = np.take_along_axis(x, targets[b, r, None], -1)[:, 0] - log_norm
+        if full:
+            x -= log_norm.astype(np.float32)[:, None]
+
+    n = targets.shape[1]
+    jobs = [(b, slice(i, i + SOFTMAX_ROWS)) for b in range(len(targets)) for i in range(0, n, SOFTMAX_ROWS)]
+    list(pool.map(lambda job: rows(*job), jobs))
+    return out
 
 
 def _perplexity(nlls: list[np.ndarray], window_mean: bool) -> dict:
@@ -250,8 +267,8 @@ class TransformersScorer:
             "weight_memory_mb": self.weight_bytes / 2**20,
         }
 
-    def logits(self, ids: np.ndarray, n_scored: int):
-        """Logits predicting the last n_scored tokens, [B * n_scored, vocab] float32 on the CPU; the output
+    def logits(self, ids: np.ndarray, n_scored: int) -> np.ndarray:
+        """Logits predicting the last n_scored tokens, [B, n_scored, vocab] float32 on the CPU; the output
         head runs on those positions only."""
         import torch
 
@@ -259,8 +276,7 @@ class TransformersScorer:
         with torch.inference_mode():
             batch = torch.from_numpy(ids).to(self.device)
             keep = torch.arange(length - n_scored - 1, length - 1, device=self.device)
-            logits = self.model(input_ids=batch, logits_to_keep=keep).logits
-            return logits.float().reshape(-1, logits.shape[-1]).cpu()
+            return self.model(input_ids=batch, logits_to_keep=keep).logits.float().cpu().numpy()
 
     def peak_vram_mb(self) -> float | None:
         import torch
@@ -322,11 +338,9 @@ class LlamaCppScorer:
     def info(self) -> dict:
         return {"backend": "llama.cpp", "device": "cuda" if self.gpu else "cpu", "compute_dtype": "gguf"}
 
-    def logits(self, ids: np.ndarray, n_scored: int):
+    def logits(self, ids: np.ndarray, n_scored: int) -> np.ndarray:
         """Logits predicting the last n_scored tokens of each window (rows of ids, one sequence each),
-        [B * n_scored, vocab] float32."""
-        import torch
-
+        [B, n_scored, vocab] float32: a view of llama.cpp's output buffer, valid until the next call."""
         L, (n_seq, n) = self.L, ids.shape
         first = n - n_scored - 1  # logits at position p predict token p + 1; the last one predicts nothing
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
@@ -347,9 +361,10 @@ class LlamaCppScorer:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             n_out = int((positions >= first).sum())
             if n_out:
-                out.append(np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)))
-        logits = out[0] if len(out) == 1 else np.concatenate(out)  # views of llama.cpp's buffer: copy once
-        return torch.tensor(logits.reshape(n_seq, n_scored + 1, self.n_vocab)[:, :-1]).reshape(-1, self.n_vocab)
+                logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+                out.append(logits if start + size == n else logits.copy())  # the next decode overwrites it
+        logits = out[0] if len(out) == 1 else np.concatenate(out)
+        return logits.reshape(n_seq, n_scored + 1, self.n_vocab)[:, :-1]
 
     def peak_vram_mb(self) -> float | None:
         return None
@@ -398,7 +413,8 @@ def evaluate_cell(cell: dict, open_scorer, artifact, tokens_file: str, tokens_me
             ref, record["kl_error"] = None, "the FP16 baseline did not run, so there is no reference to compare with"
         scorer = open_scorer()
         scores, kept = score(scorer, tokens, wins, protocol, eval_spec.get("batch_size", 1),
-                             meta["tokenizer"]["bos_token_id"], ref, keep_reference=bool(write_reference))
+                             meta["tokenizer"]["bos_token_id"], ref, keep_reference=bool(write_reference),
+                             threads=threads)
         record |= scores
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": scorer.peak_vram_mb(), **scorer.info}
         if cell["method"] in LOAD_TIME:
