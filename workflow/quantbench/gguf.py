@@ -24,7 +24,9 @@ CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 
 def _download_sdist(dest: str, version: str) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    # Only this package as an sdist: its build requirements (cmake, scikit-build-core) may come as wheels,
+    # which pip needs just to read the metadata; ":all:" would compile cmake from source first.
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP_PYTHON,
                     "--dest", dest, f"{LLAMA_CPP_PYTHON}=={version}"], check=True)
     (sdist,) = Path(dest).glob("*.tar.gz")
     return sdist
