@@ -13,12 +13,14 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from quantbench import calibration as qbcalibration, checkpoint as qbcheckpoint, config as qbconfig, gguf as qbgguf, textdata
+from quantbench import plots as qbplots, published as qbpublished
 
 # The default matrix, unless --configfile names another (then only that one: no silent merge).
 if not workflow.overwrite_configfiles:
     configfile: str(Path(workflow.basedir) / "config.yaml")
 
 qbconfig.validate(config)  # schema + cross-field checks, before any job
+report: "workflow/report/workflow.rst"
 CELLS = qbconfig.cells(config)
 RESOURCES = "resources"
 TEXT = textdata.describe_text(config["eval"]["text"], RESOURCES, config["eval"]["protocol"])
@@ -44,6 +46,5 @@ onstart:
 
 rule all:
     input:
-        "results/report/summary.csv",
-        "results/report/summary.md",
+        rules.report.output,
     default_target: True

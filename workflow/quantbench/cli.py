@@ -113,7 +113,7 @@ def _quantize_checkpoint(a):
 def _report(a):
     from . import report
 
-    report.build(a.metrics, json.loads(a.models), a.out_dir)
+    report.build(a.metrics, json.loads(a.models), a.out_dir, a.references, a.tolerance_pct, a.quality_budget_pct)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,10 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_quantize_checkpoint)
 
-    p = sub.add_parser("report", help="aggregate metrics.json files into summary tables")
+    p = sub.add_parser("report", help="aggregate metrics.json files into the report (CSV, Markdown, HTML, plots)")
     p.add_argument("--models", required=True, help="the config's models section, as JSON")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("metrics", nargs="+")
+    p.add_argument("--references", nargs="*", default=[], help="CSVs of published numbers")
+    p.add_argument("--tolerance-pct", type=float, default=2.0, help="a published number is reproduced within this")
+    p.add_argument("--quality-budget-pct", type=float, default=10.0, help="selection guide: largest ΔPPL %% allowed")
+    p.add_argument("--metrics", nargs="+", required=True, help="every cell's metrics.json")
     p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)

@@ -111,6 +111,19 @@ def check(config: dict) -> None:
     if "text_file" in text and not Path(text["text_file"]).expanduser().is_file():
         raise ConfigError("eval.text.text_file", f"{text['text_file']} does not exist")
     _check_eval(config["eval"])
+    _check_references(config.get("report", {}).get("references", []))
+
+
+def _check_references(paths: list[str]) -> None:
+    from . import published
+
+    for i, path in enumerate(paths):
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"report.references[{i}]", f"{path} does not exist")
+        try:
+            published.load([path])
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"report.references[{i}]", str(exc)) from exc
 
 
 def _check_eval(spec: dict) -> None:

@@ -60,7 +60,7 @@ rule evaluate_checkpoint:
         meta=rules.tokenize_eval_text.output.meta,
         reference=REFERENCE,
     output:
-        "results/{model}/{checkpoint_method}/{variant}/metrics.json",
+        cell_report("results/{model}/{checkpoint_method}/{variant}/metrics.json"),
     params:
         cell=lambda w: cell_json(w.model, w.checkpoint_method, w.variant),
         eval=EVAL_JSON,

@@ -32,3 +32,8 @@ def checkpoint_inputs(wildcards):
         inputs |= {"calib": f"results/{wildcards.model}/data/calib_tokens.npy",
                    "calib_meta": f"results/{wildcards.model}/data/calib_tokens.json"}
     return inputs
+
+
+def cell_report(path):
+    """A cell's metrics.json, listed under its model in `snakemake --report`."""
+    return report(path, category="Cells", subcategory="{model}", labels={"cell": path.split("/", 2)[2].removesuffix("/metrics.json")})

@@ -8,7 +8,7 @@ rule evaluate_baseline:
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
     output:
-        metrics=f"results/{{model}}/{qbconfig.BASELINE}/{qbconfig.BASELINE_VARIANT}/metrics.json",
+        metrics=cell_report(f"results/{{model}}/{qbconfig.BASELINE}/{qbconfig.BASELINE_VARIANT}/metrics.json"),
         reference=REFERENCE,
     params:
         cell=lambda w: cell_json(w.model, qbconfig.BASELINE, qbconfig.BASELINE_VARIANT),
@@ -38,7 +38,7 @@ rule evaluate_gguf:
         meta=rules.tokenize_eval_text.output.meta,
         reference=REFERENCE,
     output:
-        "results/{model}/gguf/{variant}/metrics.json",
+        cell_report("results/{model}/gguf/{variant}/metrics.json"),
     params:
         cell=lambda w: cell_json(w.model, "gguf", w.variant),
         eval=EVAL_JSON,
@@ -66,7 +66,7 @@ rule evaluate_load_time:
         meta=rules.tokenize_eval_text.output.meta,
         reference=REFERENCE,
     output:
-        "results/{model}/{load_time_method}/{variant}/metrics.json",
+        cell_report("results/{model}/{load_time_method}/{variant}/metrics.json"),
     params:
         cell=lambda w: cell_json(w.model, w.load_time_method, w.variant),
         eval=EVAL_JSON,

@@ -1,12 +1,22 @@
+REPORT = config["report"]
+REFERENCES = REPORT.get("references") or qbpublished.shipped()
+
+
 rule report:
-    """Every cell's metrics.json -> results/report/summary.{csv,md}."""
+    """Every cell's metrics.json -> results/report/: summary.csv, summary.md, report.html and the plots."""
     input:
-        [cell.metrics for cell in CELLS],
+        metrics=[cell.metrics for cell in CELLS],
+        references=REFERENCES,
     output:
-        csv="results/report/summary.csv",
-        md="results/report/summary.md",
+        csv=report("results/report/summary.csv", category="Summary", labels={"file": "table (CSV)"}),
+        md=report("results/report/summary.md", category="Summary", labels={"file": "report (Markdown)"}),
+        html=report("results/report/report.html", category="Summary", labels={"file": "report (HTML)"}),
+        plots=[report(f"results/report/{name}", category="Plots", labels={"figure": name.removesuffix(".png")})
+               for name in qbplots.FIGURES.values()],
     params:
         models=json.dumps(config["models"], sort_keys=True),
+        tolerance=REPORT["tolerance_pct"],
+        budget=REPORT["quality_budget_pct"],
     log:
         "results/logs/report.log",
     benchmark:
@@ -18,4 +28,6 @@ rule report:
         gpu=0,
         mem_mb=2000,
     shell:
-        "python -m quantbench report --models {params.models:q} --out-dir $(dirname {output.csv}) {input} > {log} 2>&1"
+        "python -m quantbench report --models {params.models:q} --out-dir $(dirname {output.csv}) "
+        "--references {input.references:q} --tolerance-pct {params.tolerance} --quality-budget-pct {params.budget} "
+        "--metrics {input.metrics} > {log} 2>&1"

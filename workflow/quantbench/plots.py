@@ -1,0 +1,95 @@
+"""The report's figures, as PNG files: quality vs bits per weight with the Pareto front, size per
+method, evaluation speed per method."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .config import BASELINE
+
+FIGURES = {"quality": "quality_vs_bpw.png", "size": "size_per_method.png", "speed": "speed_per_method.png"}
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both x and y (lower is better on both)."""
+    front, best = [], float("inf")
+    for _, row in points.sort_values([x, y]).iterrows():
+        if row[y] < best:
+            front.append(row)
+            best = row[y]
+    return pd.DataFrame(front)
+
+
+def _name(row) -> str:
+    return "FP16" if row["method"] == BASELINE else f"{row['method']} {row['variant']}"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def quality(df: pd.DataFrame, path: Path) -> None:
+    plt = _pyplot()
+    ok = df[(df["status"] == "ok") & df["bits_per_weight"].notna()]
+    models = sorted(ok["model"].unique())
+    metrics = [m for m in ("ppl", "kl_mean") if ok[m].notna().any()]
+    fig, axes = plt.subplots(len(models) or 1, len(metrics) or 1, figsize=(6.5 * max(len(metrics), 1), 4.8 * max(len(models), 1)),
+                             squeeze=False)
+    for r, model in enumerate(models):
+        cells = ok[ok["model"] == model]
+        for c, metric in enumerate(metrics):
+            ax, points = axes[r][c], cells.dropna(subset=[metric])
+            if metric == "kl_mean":
+                points = points[points["method"] != BASELINE]  # zero by definition: off a log axis
+            for method, group in points.groupby("method"):
+                ax.scatter(group["bits_per_weight"], group[metric], label="FP16" if method == BASELINE else method, s=36)
+            for _, row in points.iterrows():
+                ax.annotate(_name(row), (row["bits_per_weight"], row[metric]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            front = pareto_front(points, "bits_per_weight", metric)
+            if not front.empty:
+                ax.step(front["bits_per_weight"], front[metric], where="post", color="black", lw=1, ls="--",
+                        label="Pareto front")
+            ax.set_yscale("log")
+            ax.set_xlabel("bits per weight (bpw)")
+            ax.set_ylabel("perplexity (lower is better)" if metric == "ppl" else "KL(FP16 ‖ cell), nats/token")
+            ax.set_title(f"{model}: {'perplexity' if metric == 'ppl' else 'KL divergence from FP16'} vs size")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(df: pd.DataFrame, column: str, scale: float, xlabel: str, title: str, path: Path) -> None:
+    plt = _pyplot()
+    ok = df[(df["status"] == "ok") & df[column].notna()].sort_values(["model", "method", "variant"])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * max(len(ok), 4) + 1.2))
+    labels = [f"{r['model']} · {_name(r)}" for _, r in ok.iterrows()]
+    methods = list(dict.fromkeys(ok["method"]))
+    colors = [plt.cm.tab10(methods.index(m) % 10) for m in ok["method"]]
+    ax.barh(labels, ok[column] / scale, color=colors)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    paths = {k: out_dir / v for k, v in FIGURES.items()}
+    quality(df, paths["quality"])
+    sized = df.assign(weight_bytes=df["size_bytes"].fillna(df.get("weight_memory_mb", pd.Series(dtype=float)) * 2**20))
+    _bars(sized, "weight_bytes", 1e6, "size of the weights, MB (on disk; in memory for load-time methods)",
+          "Size per method", paths["size"])
+    _bars(df, "eval_tokens_per_s", 1, "evaluation tokens/s (each cell on the device in its row of the table)",
+          "Evaluation speed per method", paths["speed"])
+    return paths
