@@ -20,7 +20,8 @@ rule calibration_tokens:
     threads: 1
     resources:
         gpu=0,
-        mem_mb=4000,
+        mem_mb=scaled_by_attempt(4000),
+        runtime=60,
     shell:
         "python -m quantbench calibrate --spec {params.spec:q} --hf {input.hf} --eval-ids {input.eval_ids} "
         "--ids {output.ids} --meta {output.meta} > {log} 2>&1"
@@ -44,7 +45,8 @@ rule quantize_checkpoint:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
     shell:
         "python -m quantbench quantize-checkpoint --cell {params.cell:q} --hf {input.hf} {params.calib} "
         "--out {output.model} --info {output.info} --threads {threads} > {log} 2>&1"
@@ -73,7 +75,8 @@ rule evaluate_checkpoint:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.model} --base-dir {input.hf} "
         "--quant-info {input.info} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "

@@ -37,3 +37,8 @@ def checkpoint_inputs(wildcards):
 def cell_report(path):
     """A cell's metrics.json, listed under its model in `snakemake --report`."""
     return report(path, category="Cells", subcategory="{model}", labels={"cell": path.split("/", 2)[2].removesuffix("/metrics.json")})
+
+
+def scaled_by_attempt(mem_mb):
+    """Memory that grows with each attempt, so `--retries` recovers a job killed for lack of memory."""
+    return lambda wildcards, attempt: mem_mb * attempt

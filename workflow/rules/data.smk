@@ -10,7 +10,8 @@ rule fetch_eval_text:
     threads: 1
     resources:
         gpu=0,
-        mem_mb=4000,
+        mem_mb=scaled_by_attempt(4000),
+        runtime=60,
     shell:
         "python -m quantbench fetch-text --out {output} > {log} 2>&1"
 
@@ -34,7 +35,8 @@ rule tokenize_eval_text:
     threads: 1
     resources:
         gpu=0,
-        mem_mb=4000,
+        mem_mb=scaled_by_attempt(4000),
+        runtime=60,
     shell:
         "python -m quantbench tokenize --text {params.text:q} {params.tokenizer} --ids {output.ids} "
         "--meta {output.meta} > {log} 2>&1"

@@ -14,7 +14,8 @@ rule download_model:
     threads: 1
     resources:
         gpu=0,
-        mem_mb=8000,
+        mem_mb=scaled_by_attempt(8000),
+        runtime=240,
     shell:
         "python -m quantbench fetch-model --name {wildcards.model} --spec {params.spec:q} "
         "--out {output} --cache {params.cache} > {log} 2>&1"

@@ -22,7 +22,8 @@ rule evaluate_baseline:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --write-reference {output.reference} "
@@ -51,7 +52,8 @@ rule evaluate_gguf:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=8000,
+        mem_mb=scaled_by_attempt(8000),
+        runtime=720,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --gguf {input.gguf} --quant-info {input.info} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --reference {input.reference} --threads {threads} "
@@ -79,7 +81,8 @@ rule evaluate_load_time:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --reference {input.reference} --threads {threads} "

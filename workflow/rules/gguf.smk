@@ -14,7 +14,8 @@ rule fetch_gguf_converter:
     threads: 1
     resources:
         gpu=0,
-        mem_mb=2000,
+        mem_mb=scaled_by_attempt(2000),
+        runtime=60,
     shell:
         "python -m quantbench fetch-converter --out $(dirname {output}) > {log} 2>&1"
 
@@ -35,7 +36,8 @@ rule gguf_convert:
     threads: 2
     resources:
         gpu=0,
-        mem_mb=16000,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
     shell:
         "python -m quantbench convert --hf {input.hf} --converter {input.converter} --out {output} > {log} 2>&1"
 
@@ -57,7 +59,8 @@ rule gguf_quantize:
     threads: 8
     resources:
         gpu=0,
-        mem_mb=8000,
+        mem_mb=scaled_by_attempt(8000),
+        runtime=60,
     shell:
         "python -m quantbench quantize --src {input} --dst {output.gguf} --type {params.type} "
         "--threads {threads} --info {output.info} > {log} 2>&1"

@@ -26,7 +26,8 @@ rule report:
     threads: 1
     resources:
         gpu=0,
-        mem_mb=2000,
+        mem_mb=scaled_by_attempt(2000),
+        runtime=60,
     shell:
         "python -m quantbench report --models {params.models:q} --out-dir $(dirname {output.csv}) "
         "--references {input.references:q} --tolerance-pct {params.tolerance} --quality-budget-pct {params.budget} "
