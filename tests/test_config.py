@@ -85,6 +85,7 @@ def test_schema_rejects(mutate, message):
     (lambda c: c["eval"].update(protocol="sliding", context=512, stride=1024), "eval.stride", "longer than the window"),
     (lambda c: c["models"].update(x={"source": "gguf", "path": "/no/such.gguf"}), "models.x.path", "does not exist"),
     (lambda c: c["models"].update(x={"source": "path", "path": "/no/such/dir"}), "models.x.path", "no config.json"),
+    (lambda c: c.update(report={"references": ["/no/such.csv"]}), "report.references[0]", "does not exist"),
 ])
 def test_cross_field_checks_name_the_key(mutate, key, message):
     cfg = fresh()

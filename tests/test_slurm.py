@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -24,18 +26,25 @@ SLURM = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), "-
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     missing = [tool for tool in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(tool) is None]
     if missing or os.geteuid() != 0:
         reason = f"a Slurm cluster needs root and Debian's slurm-wlm and munge (missing: {missing or 'root'})"
         if os.environ.get("QUANTBENCH_REQUIRE_SLURM"):
             pytest.fail(reason)
         pytest.skip(reason)
-    state = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", str(CLUSTER), "start", str(state)], check=True, timeout=120)
-    subprocess.run(["bash", str(CLUSTER), "start", str(state)], check=True, timeout=60)  # idempotent
-    yield {"SLURM_CONF": str(state / "slurm.conf")}, state
-    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], check=True, timeout=60)
+    # Not under pytest's tmp dirs: those are private to root, and munged runs as user munge.
+    state = Path(tempfile.mkdtemp(prefix="quantbench-slurm-"))
+    state.chmod(0o755)
+    try:
+        for timeout in (120, 60):  # the second start checks that start is idempotent
+            start = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True,
+                                   timeout=timeout)
+            assert start.returncode == 0, start.stdout + start.stderr
+        yield {"SLURM_CONF": str(state / "slurm.conf")}, state
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop", str(state)], check=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def jobs_of(state, workdir) -> dict[int, dict]:

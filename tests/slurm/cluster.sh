@@ -4,7 +4,8 @@
 # PID files) lives in DIR; clients find it through SLURM_CONF=DIR/slurm.conf.
 #   tests/slurm/cluster.sh start DIR   # idempotent: starts what is not already running
 #   tests/slurm/cluster.sh stop DIR    # stops only the daemons whose PID files are in DIR
-# Needs root (slurmd runs jobs as their users; munged runs as user munge).
+# Needs root (slurmd runs jobs as their users; munged runs as user munge, so DIR's parents must be
+# searchable by others: not under pytest's private /tmp/pytest-of-root).
 set -euo pipefail
 action=${1:?usage: cluster.sh start|stop DIR}
 dir=$(realpath -m "${2:?usage: cluster.sh start|stop DIR}")
@@ -75,6 +76,10 @@ EOF
 
 start() {
   configure
+  if ! runuser -u munge -- test -x "$dir/munge"; then
+    echo "munged runs as user munge and cannot reach $dir/munge: every directory above it must be searchable by others (chmod o+x)" >&2
+    return 1
+  fi
   running "$dir/munge/munged.pid" || runuser -u munge -- munged --socket="$dir/munge/munge.socket" \
     --key-file="$dir/munge/munge.key" --pid-file="$dir/munge/munged.pid" \
     --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"

@@ -36,7 +36,7 @@ def checkpoint_inputs(wildcards):
 
 def cell_report(path):
     """A cell's metrics.json, listed under its model in `snakemake --report`."""
-    return report(path, category="Cells", subcategory="{model}", labels={"cell": path.split("/", 2)[2].removesuffix("/metrics.json")})
+    return report(path, category="Cells", subcategory="{model}", labels={"cell": path.removeprefix("results/{model}/").removesuffix("metrics.json").rstrip("/")})
 
 
 def scaled_by_attempt(mem_mb):
