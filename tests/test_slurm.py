@@ -74,7 +74,7 @@ def test_the_workflow_runs_through_sbatch_with_gpus_for_gpu_rules(slurm, tmp_pat
     df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv")
     assert len(df) == 3 and set(df["status"]) == {"ok"}
     jobs = jobs_of(state, tmp_path)
-    print("\n".join(j["record"] for j in jobs.values()))  # the scheduler's record, for the log
+    print("\n".join(f"{j['rule']} gpu={j['gpu']} {j['record']}" for j in jobs.values()))  # for the log
     rules = sorted(j["rule"] for j in jobs.values())
     assert rules == sorted(["download_model", "tokenize_eval_text", "gguf_convert", "gguf_quantize", "gguf_quantize",
                             "evaluate_baseline", "evaluate_gguf", "evaluate_gguf", "report"])

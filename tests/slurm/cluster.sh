@@ -31,10 +31,10 @@ configure() {
   chown -R munge:munge "$dir/munge"
   chmod 711 "$dir/munge"  # clients reach the socket; the key stays private
   chmod 400 "$dir/munge/munge.key"
-  # The node as slurmd sees it, with ~10% of its memory left to the system.
-  local layout memory
+  # The node's CPUs as slurmd sees them; its memory declared (config_overrides) at 64 GiB, as the
+  # rules request it for real models, whatever this machine has: the tiny test jobs use far less.
+  local layout
   layout=$(slurmd -C | head -1 | sed -E 's/^NodeName=[^ ]+ //; s/ RealMemory=[0-9]+//')
-  memory=$(( $(slurmd -C | head -1 | sed -E 's/.*RealMemory=([0-9]+).*/\1/') * 9 / 10 ))
   # MinJobAge: finished jobs stay visible to squeue (the status checks) and scontrol (the tests).
   cat > "$dir/slurm.conf" <<EOF
 ClusterName=quantbench-test
@@ -62,8 +62,9 @@ JobCompLoc=$dir/log/jobcomp.log
 MinJobAge=3600
 ReturnToService=2
 SchedulerParameters=sched_interval=1
+SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName=localhost NodeAddr=127.0.0.1 $layout RealMemory=$memory Gres=gpu:2 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 $layout RealMemory=65536 Gres=gpu:2 State=UNKNOWN
 PartitionName=quantbench Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
   # Fake GPUs: gres needs a character device per GPU (count-only lines drain the node).
