@@ -19,10 +19,11 @@ pytestmark = pytest.mark.integration
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 GPU_RULES = {"evaluate_baseline", "evaluate_gguf", "evaluate_checkpoint", "evaluate_load_time", "quantize_checkpoint"}
 # The profile as a user runs it, plus what this cluster needs: no accounting database (status from
-# squeue, no account), its partition, and thread counts that fit its 2 CPUs.
+# squeue, no account), its partition, and thread counts that fit the machine (at most 2 CPUs).
 SLURM = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), "--slurm-status-command", "squeue",
          "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "5", "--seconds-between-status-checks", "3",
-         "--default-resources", "slurm_partition=quantbench", "--max-threads", "2", "--latency-wait", "5"]
+         "--default-resources", "slurm_partition=quantbench", "--max-threads", str(min(2, os.cpu_count() or 1)),
+         "--latency-wait", "5"]
 
 
 @pytest.fixture(scope="module")
