@@ -127,10 +127,11 @@ def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, ba
             targets = ids[:, -n:]
             target_logp = log_softmax(logits, targets, pool, full=reference is not None)
             nlls += list(-target_logp)
-            for b in range(len(group)) if reference is not None else ():
-                for acc, values in zip((kl, top1, delta_p), reference.compare(
-                        logits[b], targets[b], target_logp[b], offset + b * n)):
-                    acc.append(values)
+            if reference is not None:
+                for b in range(len(group)):
+                    values = reference.compare(logits[b], targets[b], target_logp[b], offset + b * n)
+                    for acc, value in zip((kl, top1, delta_p), values):
+                        acc.append(value)
             if keep_reference:
                 kept.append((targets.reshape(-1).astype(np.int32), target_logp.reshape(-1).astype(np.float32),
                              scorer.head_input.reshape(targets.size, -1).float().cpu().numpy()))

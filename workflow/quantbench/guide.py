@@ -41,9 +41,9 @@ def _weights_in_memory(row) -> float:
     return mb * 2**20 if pd.notna(mb) else row.get("size_bytes")
 
 
-def _weight_bytes(row) -> float:
-    """What the weights take: the artifact on disk, or for load-time methods their in-memory footprint."""
-    return row["size_bytes"] if pd.notna(row.get("size_bytes")) else _weights_in_memory(row)
+def weight_bytes(df: pd.DataFrame) -> pd.Series:
+    """What each cell's weights take: the artifact on disk, or for load-time methods their in-memory footprint."""
+    return df["size_bytes"].fillna(df["weight_memory_mb"] * 2**20)
 
 
 def _verdict(ok: bool | None, why: str) -> str:
@@ -184,7 +184,7 @@ def selection_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
     if cpu.empty:
         entry("CPU / low memory", "GGUF Q4_K_M or Q5_K_M", None, f"no CPU cell within ΔPPL ≤ {budget_pct}%", None)
     else:
-        best = cpu.loc[cpu.apply(_weight_bytes, axis=1).idxmin()]
+        best = cpu.loc[weight_bytes(cpu).idxmin()]
         agrees = best["method"] == "gguf" and best["variant"] in ("Q4_K_M", "Q5_K_M")
         entry("CPU / low memory", "GGUF Q4_K_M or Q5_K_M", best,
               f"smallest weights within ΔPPL ≤ {budget_pct}% on the CPU: " + numbers(best, f"peak {_peak_mb(best):.0f} MB"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import guide
 from .config import BASELINE
 
 FIGURES = {"quality": "quality_vs_bpw.png", "size": "size_per_method.png", "speed": "speed_per_method.png"}
@@ -87,7 +88,7 @@ def _bars(df: pd.DataFrame, column: str, scale: float, xlabel: str, title: str, 
 def draw(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     paths = {k: out_dir / v for k, v in FIGURES.items()}
     quality(df, paths["quality"])
-    sized = df.assign(weight_bytes=df["size_bytes"].fillna(df.get("weight_memory_mb", pd.Series(dtype=float)) * 2**20))
+    sized = df.assign(weight_bytes=guide.weight_bytes(df))
     _bars(sized, "weight_bytes", 1e6, "size of the weights, MB (on disk; in memory for load-time methods)",
           "Size per method", paths["size"])
     _bars(df, "eval_tokens_per_s", 1, "evaluation tokens/s (each cell on the device in its row of the table)",
