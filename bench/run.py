@@ -85,7 +85,7 @@ def main() -> None:
     for needed in (hf_dir, q4, textdata.cache_file(str(ROOT / "resources"))):
         if not needed.exists():
             sys.exit(f"{needed} is missing: run the default workflow first (README)")
-    tool = gguf.build_tool("llama-perplexity", Path(a.tool_cache) / f"llama.cpp-{gguf.LLAMA_CPP_PYTHON_PIN}")
+    tool = gguf.build_tool("llama-perplexity", Path(a.tool_cache) / gguf.TOOLS_DIR_NAME)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

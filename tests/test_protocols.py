@@ -171,7 +171,7 @@ def llama_perplexity():
 
     from quantbench import gguf
 
-    cache = Path.home() / ".cache" / "quantbench" / f"llama.cpp-{gguf.LLAMA_CPP_PYTHON_PIN}"
+    cache = Path.home() / ".cache" / "quantbench" / gguf.TOOLS_DIR_NAME
     return gguf.build_tool("llama-perplexity", cache)
 
 
