@@ -61,6 +61,7 @@ def _hf(**extra):
     (lambda c: c["models"]["smollm2-135m"].update(path="/x.gguf"), "smollm2-135m"),
     (lambda c: c["methods"].update(foo={"variants": ["a"]}), "'foo' is not one of"),
     (lambda c: c["eval"].update(protocol="lm-eval"), "'lm-eval' is not one of"),
+    (lambda c: c["methods"]["gptq"].update(kernel="exllama"), "'exllama' is not one of"),
     (lambda c: c["eval"].update(context=8), "8 is less than the minimum"),
     (lambda c: c.update(extra=1), "Additional properties are not allowed ('extra'"),
 ])
@@ -77,6 +78,7 @@ def test_schema_rejects(mutate, message):
      "methods.gguf.variants[1]", "'Q4_K_X' is not a llama.cpp quantization type"),
     (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[6]", "listed twice"),
     (lambda c: c["methods"]["gguf"].update(models=["nope"]), "methods.gguf.models[0]", "unknown model 'nope'"),
+    (lambda c: c["methods"]["bnb"].update(kernel="triton"), "methods.bnb.kernel", "only gptq, awq, rtn checkpoints"),
     (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "Q4_0", "imatrix": True}),
      "methods.gguf.variants[6]", "unknown gguf variant keys ['imatrix']"),
     (lambda c: c["eval"].update(text={"text_file": "/no/such.txt"}), "eval.text.text_file", "does not exist"),

@@ -70,6 +70,7 @@ def test_checkpoints_are_real_and_reload_in_transformers(methods_run):
         model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu")
         assert "Linear" in type(model.model.layers[0].mlp.down_proj).__name__
         row = df.loc[(method, "w4g128")]
+        assert row["kernel"] == ("AwqTorchLinear" if method == "awq" else "TorchLinear")  # kernel: auto, on a CPU
         assert 4 < row["bits_per_weight"] < 16  # packed 4-bit + scales; embeddings and head stay fp16
         assert row["size_bytes"] < df.loc[("baseline", "fp16"), "size_bytes"]
 

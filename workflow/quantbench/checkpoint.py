@@ -74,7 +74,7 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
         "quantize_threads": threads,
         "quantize_peak_rss_mb": io.peak_rss_mb(),
         "quantize_peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "quantize_device": "cuda" if torch.cuda.is_available() else "cpu",
+        "quantize_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
 

@@ -73,7 +73,7 @@ def _eval(a):
     def open_scorer():
         if a.gguf:
             return evaluate.LlamaCppScorer(a.gguf, eval_spec["context"], a.threads)
-        return evaluate.TransformersScorer.load(method, params, a.model_dir, a.threads)
+        return evaluate.TransformersScorer.load(method, params, a.model_dir, a.threads, a.kernel)
 
     record = evaluate.evaluate_cell(cell, open_scorer, artifact, a.tokens, a.tokens_meta, eval_spec, a.threads,
                                     a.reference, a.write_reference)
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--model-dir", help="a HF directory, scored with transformers")
     p.add_argument("--quant-info", help="quantize.json of the cell (time, calibration, status)")
     p.add_argument("--base-dir", help="the unquantized HF dir, for bits per weight of a packed checkpoint")
+    p.add_argument("--kernel", default="auto", help="GPTQModel kernel for a gptq/awq/rtn checkpoint")
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokens-meta", required=True)
     p.add_argument("--eval", required=True, help="the config's eval section, as JSON")

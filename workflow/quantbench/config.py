@@ -37,6 +37,7 @@ PARAMS = {
     "eetq": {},
 }
 BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
+KERNEL_METHODS = ("gptq", "awq", "rtn")  # GPTQModel checkpoints: `methods.<m>.kernel` picks how they are evaluated
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,8 @@ def check(config: dict) -> None:
         if model["source"] == "gguf" and "path" in model and not Path(model["path"]).expanduser().is_file():
             raise ConfigError(f"models.{name}.path", f"GGUF file {model['path']} does not exist")
     for method, spec in config["methods"].items():
+        if "kernel" in spec and method not in KERNEL_METHODS:
+            raise ConfigError(f"methods.{method}.kernel", f"only {', '.join(KERNEL_METHODS)} checkpoints have a GPTQModel kernel")
         for i, model in enumerate(spec.get("models", [])):
             if model not in models:
                 raise ConfigError(f"methods.{method}.models[{i}]", f"unknown model '{model}'; models are {sorted(models)}")

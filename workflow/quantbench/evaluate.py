@@ -6,6 +6,7 @@ scored positions; the windows come from `protocols`, so every backend scores the
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import struct
@@ -60,8 +61,8 @@ class Reference:
         with np.load(path) as z:
             return cls(*(z[f] for f in cls.__dataclass_fields__))
 
-    def logprobs(self, rows: slice):
-        """The reference's log-probabilities at scored positions `rows`, [n, V] float32."""
+    def logits(self, rows: slice):
+        """The reference's logits at scored positions `rows`, [n, V] float32."""
         import torch
 
         logits = torch.from_numpy(self.hidden[rows]) @ torch.from_numpy(self.head).T
@@ -71,7 +72,30 @@ class Reference:
         logits = logits * scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        return torch.log_softmax(logits, dim=-1)
+        return logits
+
+    def check_head(self, dtype) -> None:
+        """The stored head must reproduce the model's own log-probabilities. It recomputes the logits
+        in fp32; the model rounded them to its compute dtype, which moves a log-probability by up to
+        eps * max|logit| (fp16/bf16 on a GPU)."""
+        import torch
+
+        rows = slice(0, min(ROWS, len(self.targets)))
+        logits = self.logits(rows)
+        ids = torch.from_numpy(self.targets[rows].astype(np.int64))[:, None]
+        got = torch.log_softmax(logits, -1).gather(1, ids)[:, 0]
+        want = torch.from_numpy(self.target_logp[rows])
+        tol = 1e-3 + 2 * torch.finfo(dtype).eps * float(logits.abs().max())
+        if not torch.allclose(got, want, rtol=1e-4, atol=tol):
+            raise ValueError(f"the model's output head cannot be recomputed from its hidden states and weights: "
+                             f"log-probabilities differ by up to {float((got - want).abs().max()):.3g} "
+                             f"(tolerance {tol:.3g} for {dtype} logits)")
+
+    def logprobs(self, rows: slice):
+        """The reference's log-probabilities at scored positions `rows`, [n, V] float32."""
+        import torch
+
+        return torch.log_softmax(self.logits(rows), dim=-1)
 
     def compare(self, logprobs: np.ndarray, targets: np.ndarray, target_logp: np.ndarray,
                 offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,11 +171,7 @@ def score(scorer, tokens: np.ndarray, wins: list[Window], protocol: Protocol, ba
     if not keep_reference:
         return record, None
     kept = Reference(*(np.concatenate(x) for x in zip(*kept)), **Reference.head_of(scorer.model))
-    check = slice(0, min(ROWS, len(kept.targets)))  # the stored head must reproduce the model's own numbers
-    ids = kept.targets[check].astype(np.int64)[:, None]
-    if not np.allclose(np.take_along_axis(kept.logprobs(check).numpy(), ids, -1)[:, 0], kept.target_logp[check],
-                       rtol=1e-4, atol=1e-3):
-        raise ValueError("the model's output head cannot be recomputed from its hidden states and weights")
+    kept.check_head(scorer.dtype)
     return record, kept
 
 
@@ -216,8 +236,9 @@ class Skipped(Exception):
 class TransformersScorer:
     """A Hugging Face causal LM; only the scored suffix goes through the output head."""
 
-    def __init__(self, model, backend: str = "transformers"):
+    def __init__(self, model, backend: str = "transformers", kernel: str | None = None):
         self.model = model.eval()
+        self.kernel = kernel
         self.device = "cuda" if next(model.parameters()).is_cuda else "cpu"
         self.dtype = model.dtype
         self.backend = backend
@@ -226,8 +247,9 @@ class TransformersScorer:
         model.get_output_embeddings().register_forward_pre_hook(lambda _, args: setattr(self, "head_input", args[0]))
 
     @classmethod
-    def load(cls, method: str, params: dict, model_dir: str, threads: int) -> TransformersScorer:
-        """The baseline, a GPTQModel checkpoint (gptq/awq/rtn) or a load-time quantization (bnb/eetq)."""
+    def load(cls, method: str, params: dict, model_dir: str, threads: int, kernel: str = "auto") -> TransformersScorer:
+        """The baseline, a GPTQModel checkpoint (gptq/awq/rtn, evaluated by `kernel`) or a load-time
+        quantization (bnb/eetq)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -235,14 +257,20 @@ class TransformersScorer:
         cuda = torch.cuda.is_available()
         device = "cuda" if cuda else "cpu"
         if method in ("gptq", "awq", "rtn"):
-            from gptqmodel import BACKEND, GPTQModel
+            from gptqmodel import GPTQModel
+            from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-            # On the CPU GPTQModel's packed-int4 kernels need in_features divisible by the group size;
-            # its plain torch kernel does not, and runs in bf16.
-            kwargs = {} if cuda else {"backend": BACKEND.TORCH, "dtype": torch.bfloat16}
-            return cls(GPTQModel.load(model_dir, device=device, **kwargs).model, backend=f"gptqmodel-{method}")
+            kwargs = {"backend": gptqmodel_backend(method, kernel, cuda)}
+            if not cuda:
+                kwargs["dtype"] = torch.bfloat16
+            model = GPTQModel.load(model_dir, device=device, **kwargs).model
+            used = sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)})
+            return cls(model, backend=f"gptqmodel-{method}", kernel=",".join(used))
         if method == "eetq" and not cuda:
             raise Skipped("EETQ's int8 kernels need CUDA, and this machine has none")
+        if method == "eetq" and importlib.util.find_spec("kernels") is None:
+            raise RuntimeError("EETQ needs the `kernels` package (pip install -e '.[eetq]'), which fetches the "
+                               "Hub kernel kernels-community/quantization-eetq (offline: pre-fetch it into KERNELS_CACHE)")
         # fp16 on a GPU (bf16 where the checkpoint is bf16); fp32 on the CPU, where half matmuls are slow.
         dtype = torch.float32
         if cuda:
@@ -265,6 +293,7 @@ class TransformersScorer:
             "backend": self.backend,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "kernel": self.kernel,
             "weight_memory_mb": self.weight_bytes / 2**20,
         }
 
@@ -283,6 +312,19 @@ class TransformersScorer:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+
+
+def gptqmodel_backend(method: str, kernel: str, cuda: bool):
+    """GPTQModel's BACKEND for a kernel name. `auto` on a CPU is the plain torch kernel: GPTQModel's
+    packed-int4 CPU kernels need in_features divisible by the group size, and it has no such limit
+    (it runs in bf16). RTN checkpoints are in GPTQ's format."""
+    from gptqmodel import BACKEND
+
+    if kernel == "auto":
+        return BACKEND.AUTO if cuda else BACKEND.TORCH
+    names = {"gptq": {"torch": "GPTQ_TORCH", "triton": "GPTQ_TRITON", "marlin": "GPTQ_MARLIN", "exllama_v2": "GPTQ_EXLLAMA_V2"},
+             "awq": {"torch": "AWQ_TORCH", "triton": "AWQ_GEMM_TRITON", "marlin": "AWQ_MARLIN", "exllama_v2": "AWQ_EXLLAMA_V2"}}
+    return BACKEND[names["gptq" if method == "rtn" else method][kernel]]
 
 
 def bnb_config(params: dict):

@@ -66,6 +66,7 @@ rule evaluate_checkpoint:
     params:
         cell=lambda w: cell_json(w.model, w.checkpoint_method, w.variant),
         eval=EVAL_JSON,
+        kernel=lambda w: config["methods"][w.checkpoint_method].get("kernel", "auto"),
     log:
         "results/logs/evaluate/{model}/{checkpoint_method}-{variant}.log",
     benchmark:
@@ -80,4 +81,4 @@ rule evaluate_checkpoint:
     shell:
         "python -m quantbench eval --cell {params.cell:q} --model-dir {input.model} --base-dir {input.hf} "
         "--quant-info {input.info} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
-        "--reference {input.reference} --threads {threads} --out {output} > {log} 2>&1"
+        "--reference {input.reference} --kernel {params.kernel} --threads {threads} --out {output} > {log} 2>&1"

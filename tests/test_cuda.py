@@ -1,0 +1,68 @@
+"""The CUDA paths through the real workflow on a GPU: GPTQ, AWQ and RTN quantized and evaluated on the
+GPU, and the FP16 baseline, bitsandbytes int8 / nf4 / fp4 and EETQ evaluated there. Skipped where torch sees no CUDA device (CI has none); on a GPU
+machine: pytest tests/test_cuda.py"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import snakemake, write_config
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CHECKPOINTS = ["gptq", "awq", "rtn"]
+BNB = [{"name": "int8", "mode": "int8"},
+       {"name": "nf4", "mode": "nf4", "double_quant": True, "compute_dtype": "float16"},
+       {"name": "fp4", "mode": "fp4", "compute_dtype": "float16"}]
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory, tiny):
+    work = tmp_path_factory.mktemp("cuda")
+    cfg = write_config(work, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {"bnb": {"variants": BNB}, "eetq": {"variants": ["int8"]},
+                    **{m: {"variants": [{"name": "w4g128", "bits": 4, "group_size": 128}], "kernel": "triton"}
+                       for m in CHECKPOINTS}},  # triton: auto would JIT-compile Marlin, minutes the first time
+        "calibration": {"source": "eval-holdout", "n_samples": 8, "seq_len": 128},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128},
+    })
+    run = snakemake(work, config=cfg)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    df = pd.read_csv(work / "results" / "report" / "summary.csv").set_index(["method", "variant"])
+    print(df[["status", "ppl", "kl_mean", "top1_agree", "weight_memory_mb", "peak_vram_mb", "eval_tokens_per_s",
+              "quantize_s", "quantize_peak_vram_mb", "quantize_device", "device", "kernel", "error"]].to_string())
+    return df
+
+
+def test_every_cell_but_eetq_runs_on_the_gpu(cuda_run):
+    gpu = torch.cuda.get_device_name()
+    cells = cuda_run.drop(index=("eetq", "int8"))
+    assert (cells["status"] == "ok").all(), cells["error"].to_dict()
+    assert (cells["device"] == gpu).all()
+    assert (cells["peak_vram_mb"] > 0).all()
+    assert cells.loc[("baseline", "fp16"), "compute_dtype"] == "float16"  # the tiny checkpoint is fp32
+    base = cells.loc[("baseline", "fp16"), "ppl"]
+    for cell, row in cells.drop(index=("baseline", "fp16")).iterrows():
+        assert math.isfinite(row["ppl"]) and abs(row["ppl"] - base) / base < 0.2, cell
+        assert row["kl_mean"] > 0, cell  # quantized weights change the distributions
+    checkpoints = cells.loc[CHECKPOINTS]
+    assert (checkpoints["quantize_peak_vram_mb"] > 0).all() and (checkpoints["quantize_device"] == gpu).all()
+    assert checkpoints["kernel"].str.contains("Triton").all(), checkpoints["kernel"].to_dict()
+    memory = cells["weight_memory_mb"]
+    assert memory[("bnb", "nf4")] < memory[("bnb", "int8")] < memory[("baseline", "fp16")]
+    assert memory[("bnb", "fp4")] == pytest.approx(memory[("bnb", "nf4")], rel=0.1)
+
+
+def test_eetq_runs_or_names_what_it_lacks(cuda_run):
+    eetq = cuda_run.loc[("eetq", "int8")]
+    if importlib.util.find_spec("kernels") is None:
+        assert eetq["status"] == "failed"
+        assert "`kernels` package" in eetq["error"]
+    else:  # its kernel comes from the Hub, or from KERNELS_CACHE offline
+        assert eetq["status"] == "ok", eetq["error"]
+        assert eetq["device"] == torch.cuda.get_device_name() and math.isfinite(eetq["ppl"])
