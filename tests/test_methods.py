@@ -6,7 +6,9 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 from conftest import snakemake, write_config
+from quantbench import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -99,3 +101,9 @@ def test_bnb_reports_its_in_memory_footprint(methods_run):
     assert df.loc[("bnb", "nf4"), "weight_memory_mb"] < df.loc[("bnb", "int8"), "weight_memory_mb"] < base
     assert df.loc[("bnb", "nf4"), "bits_per_weight"] < df.loc[("bnb", "int8"), "bits_per_weight"]
     assert math.isnan(df.loc[("bnb", "nf4"), "size_bytes"])  # nothing is written to disk
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_a_gpu_kernel_is_skipped_on_a_cpu(tmp_path):
+    with pytest.raises(evaluate.Skipped, match="triton kernel needs CUDA"):
+        evaluate.TransformersScorer.load("gptq", {}, str(tmp_path), threads=1, kernel="triton")

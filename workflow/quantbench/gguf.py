@@ -22,10 +22,12 @@ LLAMA_CPP_PYTHON = "llama-cpp-python"
 LLAMA_CPP_PYTHON_PIN = "0.3.36"  # the same pin as pyproject.toml and envs/llamacpp.yaml
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 # llama.cpp leaks its logger (llama.cpp#22142), whose writer thread can still hold the last lines, the
-# "Final estimate" among them, when main returns. The reference tools flush it first; the folder name
-# keeps them apart from builds without that line.
-FLUSH_LOG_AT_EXIT = ("    llama_backend_free();\n\n    return 0;\n}",
-                     "    llama_backend_free();\n    common_log_flush(common_log_main());\n\n    return 0;\n}")
+# "Final estimate" among them, when main returns. The reference tool flushes it first; the folder name
+# keeps it apart from builds without that line.
+FLUSH_LOG_AT_EXIT = {"llama-perplexity": (
+    "tools/perplexity/perplexity.cpp",
+    "    llama_backend_free();\n\n    return 0;\n}",
+    "    llama_backend_free();\n    common_log_flush(common_log_main());\n\n    return 0;\n}")}
 TOOLS_DIR_NAME = f"llama.cpp-{LLAMA_CPP_PYTHON_PIN}-logflush"
 
 
@@ -73,12 +75,12 @@ def build_tool(target: str, out_dir: str | os.PathLike, version: str = LLAMA_CPP
     with tempfile.TemporaryDirectory() as tmp:
         src, build = Path(tmp) / "llama.cpp", Path(tmp) / "build"
         _extract_llama_cpp(_download_sdist(tmp, version), src)
-        name = target.removeprefix("llama-")
-        main = src / "tools" / name / f"{name}.cpp"
-        source = main.read_text()
-        if source.count(FLUSH_LOG_AT_EXIT[0]) != 1:
-            raise RuntimeError(f"{main.name}: main's ending changed; update gguf.FLUSH_LOG_AT_EXIT for llama.cpp {version}")
-        main.write_text(source.replace(*FLUSH_LOG_AT_EXIT))
+        if target in FLUSH_LOG_AT_EXIT:
+            main, ending, flushed = FLUSH_LOG_AT_EXIT[target]
+            source = (src / main).read_text()
+            if source.count(ending) != 1:
+                raise RuntimeError(f"{main}: main's ending changed; update gguf.FLUSH_LOG_AT_EXIT for llama.cpp {version}")
+            (src / main).write_text(source.replace(ending, flushed))
         options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                    "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
