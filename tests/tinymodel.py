@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 MODULES = ["argparse", "collections", "csv", "functools", "itertools", "json", "pathlib", "re",
@@ -16,7 +18,16 @@ MODULES = ["argparse", "collections", "csv", "functools", "itertools", "json", "
 
 
 def corpus(modules: list[str] = MODULES) -> str:
-    """Docstrings of standard-library modules: English prose with code, the same on every machine."""
+    """Docstrings of standard-library modules: English prose with code, the same on every machine.
+    Read in a fresh interpreter: a module's attributes include the submodules this process happens
+    to have imported (importing gptqmodel adds email.feedparser), which would change the text."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tinymodel; "
+            "sys.stdout.buffer.write(tinymodel._docstrings(sys.argv[2:]).encode())")
+    here = str(Path(__file__).resolve().parent)
+    return subprocess.run([sys.executable, "-I", "-c", code, here, *modules], capture_output=True, check=True).stdout.decode()
+
+
+def _docstrings(modules: list[str]) -> str:
     docs = []
     for name in modules:
         module = importlib.import_module(name)
@@ -94,6 +105,4 @@ def build(out: Path, steps: int = 200, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
-
     build(Path(sys.argv[1]))
