@@ -146,6 +146,16 @@ def test_pins_agree_between_pyproject_and_conda_envs():
                 assert pins.get(name) == version, f"{env.name}: {req} disagrees with pyproject.toml"
 
 
+def test_one_list_of_gptqmodel_kernels():
+    from quantbench import evaluate
+
+    schema = yaml.safe_load(qc.SCHEMA.read_text())
+    assert tuple(schema["properties"]["methods"]["additionalProperties"]["properties"]["kernel"]["enum"]) == qc.KERNELS
+    for method in qc.KERNEL_METHODS:
+        for kernel in qc.KERNELS:
+            evaluate.gptqmodel_backend(method, kernel, cuda=True)  # every kernel maps to a GPTQModel BACKEND
+
+
 def test_awq_groups_must_divide_the_model_widths(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
                                                       "intermediate_size": 1536}))

@@ -1,15 +1,15 @@
 """The CUDA paths through the real workflow on a GPU: GPTQ, AWQ and RTN quantized and evaluated on the
-GPU, and the FP16 baseline, bitsandbytes int8 / nf4 / fp4 and EETQ evaluated there. Skipped where torch sees no CUDA device (CI has none); on a GPU
-machine: pytest tests/test_cuda.py"""
+GPU, and the FP16 baseline, bitsandbytes int8 / nf4 / fp4 and EETQ evaluated there. Skipped where
+torch sees no CUDA device (CI has none); on a GPU machine: pytest tests/test_cuda.py"""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pandas as pd
 import pytest
 import torch
 from conftest import snakemake, write_config
+from transformers.utils import is_kernels_available
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -60,7 +60,7 @@ def test_every_cell_but_eetq_runs_on_the_gpu(cuda_run):
 
 def test_eetq_runs_or_names_what_it_lacks(cuda_run):
     eetq = cuda_run.loc[("eetq", "int8")]
-    if importlib.util.find_spec("kernels") is None:
+    if not is_kernels_available():  # the same test as the EETQ path
         assert eetq["status"] == "failed"
         assert "`kernels` package" in eetq["error"]
     else:  # its kernel comes from the Hub, or from KERNELS_CACHE offline

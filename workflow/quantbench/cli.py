@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .config import KERNELS
+
 
 def _fetch_model(a):
     from . import sources
@@ -170,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--model-dir", help="a HF directory, scored with transformers")
     p.add_argument("--quant-info", help="quantize.json of the cell (time, calibration, status)")
     p.add_argument("--base-dir", help="the unquantized HF dir, for bits per weight of a packed checkpoint")
-    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton", "marlin", "exllama_v2"],
-                   help="GPTQModel kernel for a gptq/awq/rtn checkpoint")
+    p.add_argument("--kernel", default="auto", choices=KERNELS, help="GPTQModel kernel for a gptq/awq/rtn checkpoint")
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokens-meta", required=True)
     p.add_argument("--eval", required=True, help="the config's eval section, as JSON")

@@ -38,6 +38,7 @@ PARAMS = {
 }
 BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 KERNEL_METHODS = ("gptq", "awq", "rtn")  # GPTQModel checkpoints: `methods.<m>.kernel` picks how they are evaluated
+KERNELS = ("auto", "torch", "triton", "marlin", "exllama_v2")  # the schema's enum for `kernel`
 
 
 class ConfigError(ValueError):

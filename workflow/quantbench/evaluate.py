@@ -84,11 +84,10 @@ class Reference:
         ids = torch.from_numpy(self.targets[rows].astype(np.int64))[:, None]
         got = torch.log_softmax(logits, -1).gather(1, ids)[:, 0]
         want = torch.from_numpy(self.target_logp[rows])
-        tol = 1e-3 + 1e-4 * want.abs() + 2 * torch.finfo(dtype).eps * logits.abs().amax(-1)
-        if ((got - want).abs() > tol).any():
+        error = (got - want).abs()
+        if (error > 1e-3 + 1e-4 * want.abs() + 2 * torch.finfo(dtype).eps * logits.abs().amax(-1)).any():
             raise ValueError(f"the model's output head cannot be recomputed from its hidden states and weights: "
-                             f"log-probabilities differ by up to {float((got - want).abs().max()):.3g} "
-                             f"({dtype} logits)")
+                             f"log-probabilities differ by up to {float(error.max()):.3g} ({dtype} logits)")
 
     def logprobs(self, rows: slice):
         """The reference's log-probabilities at scored positions `rows`, [n, V] float32."""
