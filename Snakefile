@@ -1,7 +1,5 @@
 # quantbench: models x quantization methods x variants -> one table of measured costs.
 # Run:  snakemake --cores 8 --resources gpu=1   (or --workflow-profile workflow/profiles/default)
-import json
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -12,18 +10,18 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from quantbench import calibration as qbcalibration, checkpoint as qbcheckpoint, config as qbconfig, gguf as qbgguf, textdata
-from quantbench import plots as qbplots, published as qbpublished
+from quantbench import config as qbconfig, llamacpp, paths, plots, published, textdata
+from quantbench.methods import Family
+from quantbench.plan import Plan, scaled_by_attempt
 
 # The default matrix, unless --configfile names another (then only that one: no silent merge).
 if not workflow.overwrite_configfiles:
+
     configfile: str(Path(workflow.basedir) / "config.yaml")
 
+
 qbconfig.validate(config)  # schema + cross-field checks, before any job
-report: "workflow/report/workflow.rst"
-CELLS = qbconfig.cells(config)
-RESOURCES = "resources"
-TEXT = textdata.describe_text(config["eval"]["text"], RESOURCES, config["eval"]["protocol"])
+PLAN = Plan(config)
 # Jobs run `python -m quantbench STAGE` with the package on PYTHONPATH, in the rule's conda env
 # under --sdm conda, else with the python that runs Snakemake (so a venv needs no activation).
 PACKAGE_DIR = shlex.quote(str(Path(workflow.basedir) / "workflow"))
@@ -31,20 +29,24 @@ USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_me
 PYTHON_DIR = "" if USE_CONDA else f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(f"{PYTHON_DIR}export PYTHONPATH={PACKAGE_DIR}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
+
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/gguf.smk"
-include: "workflow/rules/checkpoint.smk"
+include: "workflow/rules/packed.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
 onstart:
-    textdata.preflight(config["eval"]["text"], RESOURCES)
+    textdata.preflight(config["eval"]["text"], paths.RESOURCES)
 
 
 rule all:
+    default_target: True
     input:
         rules.report.output,
-    default_target: True

@@ -1,4 +1,4 @@
-"""Time quantbench's evaluation against the reference implementations, whole process against
+"""Time quantbench's evaluation against the upstream implementations, whole process against
 whole process, on the same model and text, and check that the numbers are equal:
 
   1. GGUF Q4_K_M, `llamacpp` protocol (n_ctx 512, llama.cpp tokens) vs `llama-perplexity`;
@@ -21,8 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "workflow"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from quantbench import gguf, textdata
+import upstream  # noqa: E402
+
+from quantbench import textdata  # noqa: E402
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -39,33 +42,33 @@ def quantbench(work: Path, text: dict, tokenizer: list[str], model: list[str], m
     ids, meta = str(work / "ids.npy"), str(work / "meta.json")
     cell = json.dumps({"model": "bench", "method": method, "variant": "bench", "params": {}})
     return [[*py, "tokenize", "--text", json.dumps(text), *tokenizer, "--ids", ids, "--meta", meta],
-            [*py, "eval", "--cell", cell, *model, "--tokens", ids, "--tokens-meta", meta, "--eval", json.dumps(eval_spec),
+            [*py, "evaluate", "--cell", cell, *model, "--tokens", ids, "--tokens-meta", meta, "--eval", json.dumps(eval_spec),
              "--threads", str(threads), "--out", str(work / "metrics.json")]]
 
 
-def compare(name: str, reference: list[str], ours: list[list[str]], parse, work: Path, repeats: int) -> dict:
-    """Wall times of the reference and of quantbench's evaluation stage, run in turn; the ratio is the
+def compare(name: str, tool: list[str], ours: list[list[str]], parse, work: Path, repeats: int) -> dict:
+    """Wall times of the upstream tool and of quantbench's evaluation stage, run in turn; the ratio is the
     median of the pair-by-pair ratios, so that drifts in machine speed hit both sides alike. Tokenizing
     runs once per model and is shared by every cell: shown separately."""
-    times = {"reference": [], "tokenize": [], "evaluate": []}
+    times = {"upstream": [], "tokenize": [], "evaluate": []}
     for _ in range(repeats):
-        t, out = timed(reference)
-        times["reference"].append(t)
-        ref_value = parse(out)
+        t, out = timed(tool)
+        times["upstream"].append(t)
+        upstream_value = parse(out)
         for stage, cmd in zip(("tokenize", "evaluate"), ours):
             times[stage].append(timed(cmd)[0])
     metrics = json.loads((work / "metrics.json").read_text())
-    ref_t, tok_t, eval_t = (statistics.median(times[k]) for k in ("reference", "tokenize", "evaluate"))
-    pairs = list(zip(times["reference"], times["evaluate"], times["tokenize"]))
+    upstream_t, tok_t, eval_t = (statistics.median(times[k]) for k in ("upstream", "tokenize", "evaluate"))
+    pairs = list(zip(times["upstream"], times["evaluate"], times["tokenize"]))
     per_cell = statistics.median(r / e for r, e, _ in pairs)
     with_tokenize = statistics.median(r / (e + t) for r, e, t in pairs)
-    print(f"{name}\n  reference {ref_t:.1f} s; quantbench evaluate {eval_t:.1f} s (+ tokenize once per model "
-          f"{tok_t:.1f} s), medians of {repeats}\n  speed vs the reference (median of pair ratios): {per_cell:.2f}x "
-          f"per cell, {with_tokenize:.2f}x with tokenizing\n  ppl: reference {ref_value:.6f}, quantbench "
+    print(f"{name}\n  upstream {upstream_t:.1f} s; quantbench evaluate {eval_t:.1f} s (+ tokenize once per model "
+          f"{tok_t:.1f} s), medians of {repeats}\n  speed vs upstream (median of pair ratios): {per_cell:.2f}x "
+          f"per cell, {with_tokenize:.2f}x with tokenizing\n  ppl: upstream {upstream_value:.6f}, quantbench "
           f"{metrics['ppl']:.6f} ± {metrics['ppl_stderr']:.5f} over {metrics['n_tokens']} scored tokens", flush=True)
-    return {"comparison": name, "reference_s": ref_t, "evaluate_s": eval_t, "tokenize_s": tok_t,
+    return {"comparison": name, "upstream_s": upstream_t, "evaluate_s": eval_t, "tokenize_s": tok_t,
             "ratio_per_cell": per_cell, "ratio_with_tokenize": with_tokenize,
-            "reference_ppl": ref_value, "quantbench_ppl": metrics["ppl"], "quantbench_stderr": metrics["ppl_stderr"],
+            "upstream_ppl": upstream_value, "quantbench_ppl": metrics["ppl"], "quantbench_stderr": metrics["ppl_stderr"],
             "scored_tokens": metrics["n_tokens"], "eval_tokens_per_s": metrics["eval_tokens_per_s"],
             "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()}}
 
@@ -77,7 +80,7 @@ def main() -> None:
     ap.add_argument("--loop-chars", type=int, default=40000, help="characters of WikiText-2 for the HF loop")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tool-cache", default=str(Path.home() / ".cache" / "quantbench"))
+    ap.add_argument("--tool-cache", default=str(upstream.CACHE))
     a = ap.parse_args()
 
     hf_dir = ROOT / "resources" / "models" / a.model / "hf"
@@ -85,7 +88,7 @@ def main() -> None:
     for needed in (hf_dir, q4, textdata.cache_file(str(ROOT / "resources"))):
         if not needed.exists():
             sys.exit(f"{needed} is missing: run the default workflow first (README)")
-    tool = gguf.build_tool("llama-perplexity", Path(a.tool_cache) / gguf.TOOLS_DIR_NAME)
+    tool = upstream.build_tool("llama-perplexity", a.tool_cache)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -96,8 +99,9 @@ def main() -> None:
         results.append(compare(
             "GGUF Q4_K_M, llamacpp protocol: llama-perplexity vs quantbench",
             [str(tool), "-m", str(q4), "-f", str(raw_file), "-c", "512", "--chunks", str(a.chunks), "-t", str(a.threads)],
-            quantbench(work, raw, ["--gguf", str(q4)], ["--gguf", str(q4), "--quant-info", str(q4.parent / "quantize.json")],
-                       "gguf", spec, a.threads),
+            quantbench(work, raw, ["--gguf", str(q4)],
+                       ["--artifact", str(q4), "--quantize-info", str(q4.parent / "quantize.json")], "gguf", spec,
+                       a.threads),
             lambda out: float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1)), work, a.repeats))
 
         joined = textdata.load_text(textdata.describe_text({"dataset": textdata.WIKITEXT}, str(ROOT / "resources")))
@@ -108,7 +112,7 @@ def main() -> None:
             "FP16, sliding-seed protocol: Hugging Face loop vs quantbench",
             [sys.executable, str(ROOT / "bench" / "hf_loop.py"), str(hf_dir), str(text_file), "2048", "512", str(a.threads)],
             quantbench(work, textdata.describe_text({"text_file": str(text_file)}, "", "sliding-seed"), ["--hf", str(hf_dir)],
-                       ["--model-dir", str(hf_dir)], "baseline", spec, a.threads),
+                       ["--artifact", str(hf_dir)], "baseline", spec, a.threads),
             lambda out: float(re.search(r"ppl ([\d.]+)", out).group(1)), work, a.repeats))
     print(json.dumps(results, indent=1))
 

@@ -13,9 +13,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "workflow"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "bench"))
 
 import tinymodel  # noqa: E402
-from quantbench import gguf  # noqa: E402
+
+from quantbench import llamacpp  # noqa: E402
 
 HELD_OUT_MODULES = ["email", "http", "html", "urllib", "zipfile", "tarfile", "shutil", "tempfile",
                     "os", "io", "enum", "typing", "dataclasses", "contextlib", "inspect", "ast"]
@@ -34,8 +36,8 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def converter(tmp_path_factory) -> Path:
     """llama.cpp's converter, fetched once per session from the pinned sdist."""
-    tools = tmp_path_factory.mktemp("tools") / f"llama.cpp-{gguf.LLAMA_CPP_PYTHON_PIN}"
-    return gguf.fetch_converter(tools).parent
+    tools = tmp_path_factory.mktemp("tools") / f"llama.cpp-{llamacpp.LLAMA_CPP_PYTHON_PIN}"
+    return llamacpp.fetch_converter(tools).parent
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import yaml
@@ -75,12 +76,16 @@ def test_schema_rejects(mutate, message):
 
 @pytest.mark.parametrize("mutate, key, message", [
     (lambda c: c["methods"]["gguf"]["variants"].insert(1, "Q4_K_X"),
-     "methods.gguf.variants[1]", "'Q4_K_X' is not a llama.cpp quantization type"),
+     "methods.gguf.variants[1]", "gguf does not support type='Q4_K_X'; use a llama.cpp type: Q2_K"),
     (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[6]", "listed twice"),
     (lambda c: c["methods"]["gguf"].update(models=["nope"]), "methods.gguf.models[0]", "unknown model 'nope'"),
     (lambda c: c["methods"]["bnb"].update(kernel="triton"), "methods.bnb.kernel", "only gptq, awq, rtn checkpoints"),
     (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "Q4_0", "imatrix": True}),
-     "methods.gguf.variants[6]", "unknown gguf variant keys ['imatrix']"),
+     "methods.gguf.variants[6].imatrix", "gguf has no parameter 'imatrix'; it takes ['type']"),
+    (lambda c: c["methods"]["gptq"]["variants"].append({"name": "x", "bits": 5}),
+     "methods.gptq.variants[2].bits", "gptq does not support bits=5; use one of [2, 3, 4, 8]"),
+    (lambda c: c["methods"]["bnb"]["variants"].append({"name": "x", "threshold": -1}),
+     "methods.bnb.variants[2].threshold", "use a positive number"),
     (lambda c: c["eval"].update(text={"text_file": "/no/such.txt"}), "eval.text.text_file", "does not exist"),
     (lambda c: c["eval"].update(protocol="llamacpp", context=511), "eval.context", "even context"),
     (lambda c: c["eval"].update(stride=256), "eval.stride", "only the sliding protocols take a stride"),
@@ -127,7 +132,7 @@ def test_k_quants_on_a_model_whose_rows_are_not_multiples_of_256(tmp_path):
 def test_pins_agree_between_pyproject_and_conda_envs():
     import tomllib
 
-    from quantbench import gguf
+    from quantbench import llamacpp
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = {}
@@ -135,7 +140,7 @@ def test_pins_agree_between_pyproject_and_conda_envs():
         if "==" in req:
             name, version = req.split("==")
             pins[name] = version
-    assert pins["llama-cpp-python"] == gguf.LLAMA_CPP_PYTHON_PIN
+    assert pins["llama-cpp-python"] == llamacpp.LLAMA_CPP_PYTHON_PIN
     for env in (REPO / "envs").glob("*.yaml"):
         spec = yaml.safe_load(env.read_text())
         pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
@@ -146,14 +151,39 @@ def test_pins_agree_between_pyproject_and_conda_envs():
                 assert pins.get(name) == version, f"{env.name}: {req} disagrees with pyproject.toml"
 
 
-def test_one_list_of_gptqmodel_kernels():
-    from quantbench import evaluate
+def test_the_method_table_is_the_only_list_of_methods(tmp_path):
+    """The schema, the workflow's rules and the loaders all follow methods.METHODS."""
+    import importlib
+
+    from conftest import snakemake, write_config
+
+    from quantbench import methods, packed
 
     schema = yaml.safe_load(qc.SCHEMA.read_text())
-    assert tuple(schema["properties"]["methods"]["additionalProperties"]["properties"]["kernel"]["enum"]) == qc.KERNELS
-    for method in qc.KERNEL_METHODS:
-        for kernel in qc.KERNELS:
-            evaluate.gptqmodel_backend(method, kernel, cuda=True)  # every kernel maps to a GPTQModel BACKEND
+    assert schema["properties"]["methods"]["propertyNames"]["enum"] == list(methods.CONFIGURABLE)
+    kernel = schema["properties"]["methods"]["additionalProperties"]["properties"]["kernel"]
+    assert tuple(kernel["enum"]) == methods.KERNELS
+    for method in methods.METHODS.values():
+        if method.module:  # the module that quantizes or loads it provides what its family needs
+            module = importlib.import_module(f"quantbench.{method.module}")
+            missing = [f for f in methods.MODULE_INTERFACE[method.family] if not callable(getattr(module, f, None))]
+            assert not missing, f"{method.name}: quantbench.{method.module} lacks {missing}"
+        for name in method.kernels:
+            packed.backend(method.name, name, cuda=True)  # every kernel maps to a GPTQModel BACKEND
+    # Rule selection: each method's cells are evaluated by the rule of its family, read from the table.
+    text = tmp_path / "eval.txt"
+    text.write_text("text\n")
+    variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": [{"name": "int8", "mode": "int8"}]}
+    cfg = write_config(tmp_path, {
+        "models": {"m": {"source": "hf", "repo": "org/name", "revision": SHA}},
+        "methods": {m: {"variants": variants.get(m, [{"name": "w4"}])} for m in methods.CONFIGURABLE},
+        "eval": {"text": {"text_file": str(text)}},
+    })
+    run = snakemake(tmp_path, "-n", config=cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    evaluated = {method: rule for rule, method in re.findall(
+        r"rule (evaluate_\w+):\n(?:    .*\n)*?    wildcards: model=m, method=(\w+)", run.stdout)}
+    assert evaluated == {m: f"evaluate_{methods.METHODS[m].family.value.replace('-', '_')}" for m in methods.CONFIGURABLE}
 
 
 def test_awq_groups_must_divide_the_model_widths(tmp_path):

@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import snakemake, write_config
-from quantbench import evaluate
+
+from quantbench.backends import Skipped
+from quantbench.backends.transformers import TransformersBackend
+from quantbench.methods import GPTQ
 
 pytestmark = pytest.mark.integration
 
@@ -105,5 +108,5 @@ def test_bnb_reports_its_in_memory_footprint(methods_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_a_gpu_kernel_is_skipped_on_a_cpu(tmp_path):
-    with pytest.raises(evaluate.Skipped, match="triton kernel needs CUDA"):
-        evaluate.TransformersScorer.load("gptq", {}, str(tmp_path), threads=1, kernel="triton")
+    with pytest.raises(Skipped, match="triton kernel needs CUDA"):
+        TransformersBackend.load(GPTQ, {}, str(tmp_path), threads=1, kernel="triton")

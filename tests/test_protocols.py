@@ -13,8 +13,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import share_tools, snakemake, write_config
-from quantbench import evaluate, textdata
-from quantbench.protocols import Protocol
+
+from quantbench import textdata
+from quantbench.backends.transformers import TransformersBackend
+from quantbench.distributions import Distributions, Recorder
+from quantbench.methods import BASELINE, BNB
+from quantbench.protocols import Protocol, Window
+from quantbench.scoring import score
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +36,7 @@ def test_each_token_is_scored_once_by_sliding_and_gptq():
 def test_sliding_seed_keeps_the_loops_quirks():
     wins = Protocol("sliding-seed", 256, 96).windows(1000)
     assert wins[-1].end == 1000 and wins[-1].n_scored == 96 and 1000 - wins[-2].end < 96  # scored twice
-    assert wins[0] == evaluate.Window(0, 96, 95)
+    assert wins[0] == Window(0, 96, 95)
 
 
 def test_llamacpp_scores_the_second_half_after_a_bos():
@@ -51,13 +56,19 @@ def stream(tiny, tmp_path_factory):
     encodings = AutoTokenizer.from_pretrained(tiny["hf"])(tiny["text"].read_text(), return_tensors="pt")
     assert np.array_equal(encodings.input_ids[0].numpy(), ids)
     model = AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=torch.float32).eval()
-    scorer = evaluate.TransformersScorer.load("baseline", {}, str(tiny["hf"]), threads=2)
+    scorer = TransformersBackend.load(BASELINE, {}, str(tiny["hf"]), threads=2)
     return ids, encodings, model, scorer
 
 
 def _ppl(scorer, ids, protocol, batch_size=1):
-    record, _ = evaluate.score(scorer, ids, protocol.windows(ids.size), protocol, batch_size)
-    return record["ppl"]
+    return score(scorer, ids, protocol.windows(ids.size), protocol, batch_size)["ppl"]
+
+
+def _distributions(backend, ids, wins, protocol) -> Distributions:
+    """The baseline's distributions, recorded as its evaluation job records them."""
+    recorder = Recorder(backend.model)
+    score(backend, ids, wins, protocol, on_batch=recorder)
+    return recorder.finish()
 
 
 def test_sliding_seed_equals_the_hugging_face_loop(stream):
@@ -122,20 +133,19 @@ def test_gptq_equals_the_gptq_repository_eval_loop(stream):
     assert _ppl(scorer, ids, Protocol("gptq", seqlen, seqlen), batch_size=3) == pytest.approx(oracle, rel=1e-5)
 
 
-def test_kl_against_the_stored_reference_is_exact(stream, tiny, tmp_path):
+def test_kl_against_the_stored_distributions_is_exact(stream, tiny, tmp_path):
     ids, _, model, base = stream
     protocol = Protocol("gptq", 128, 128, max_windows=8)
     wins = protocol.windows(ids.size)
-    _, ref = evaluate.score(base, ids, wins, protocol, keep_reference=True)
-    ref.save(tmp_path / "reference.npz")
-    ref = evaluate.Reference.load(tmp_path / "reference.npz")
+    _distributions(base, ids, wins, protocol).save(tmp_path / "distributions.npz")
+    ref = Distributions.load(tmp_path / "distributions.npz")
     assert ref.hidden.shape == (8 * 127, model.config.hidden_size)
-    same, _ = evaluate.score(base, ids, wins, protocol, reference=ref)
+    same = score(base, ids, wins, protocol, baseline=ref)
     assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agree"] == 1 and same["delta_p_rms"] < 1e-6
 
-    nf4 = evaluate.TransformersScorer.load("bnb", {"mode": "nf4", "double_quant": False, "compute_dtype": "float32"},
+    nf4 = TransformersBackend.load(BNB, {"mode": "nf4", "double_quant": False, "compute_dtype": "float32"},
                                            str(tiny["hf"]), threads=2)
-    got, _ = evaluate.score(nf4, ids, wins, protocol, reference=ref)
+    got = score(nf4, ids, wins, protocol, baseline=ref)
     # KL, top-1 and Δp computed directly from both models' full distributions, as llama.cpp defines them.
     p, q = [], []
     for w in wins:
@@ -160,32 +170,29 @@ def test_the_stored_head_reproduces_a_half_precision_model_and_nothing_else(stre
     from transformers import AutoModelForCausalLM
 
     ids, _, _, _ = stream
-    half = evaluate.TransformersScorer(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype))
+    half = TransformersBackend(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype))
     protocol = Protocol("gptq", 128, 128, max_windows=4)
-    _, ref = evaluate.score(half, ids, protocol.windows(ids.size), protocol, keep_reference=True)  # rounded logits
+    ref = _distributions(half, ids, protocol.windows(ids.size), protocol)  # rounded logits: the check passes
     ref.logit_scale[0] *= 1.05  # as if the stored head missed a logit scale of the model's forward
     with pytest.raises(ValueError, match="cannot be recomputed"):
         ref.check_head(dtype)
 
 
-def test_a_reference_for_other_tokens_is_refused(stream):
+def test_distributions_of_other_tokens_are_refused(stream):
     ids, _, _, base = stream
     protocol = Protocol("gptq", 128, 128, max_windows=2)
-    _, ref = evaluate.score(base, ids, protocol.windows(ids.size), protocol, keep_reference=True)
+    ref = _distributions(base, ids, protocol.windows(ids.size), protocol)
     shifted = Protocol("gptq", 128, 128, max_windows=2, skip=1)
     with pytest.raises(ValueError, match="scored other tokens"):
-        evaluate.score(base, ids, shifted.windows(ids.size), shifted, reference=ref)
+        score(base, ids, shifted.windows(ids.size), shifted, baseline=ref)
 
 
 @pytest.fixture(scope="session")
 def llama_perplexity():
     """llama.cpp's llama-perplexity, built once from the pinned llama-cpp-python sdist (cached)."""
-    from pathlib import Path
+    import upstream
 
-    from quantbench import gguf
-
-    cache = Path.home() / ".cache" / "quantbench" / gguf.TOOLS_DIR_NAME
-    return gguf.build_tool("llama-perplexity", cache)
+    return upstream.build_tool("llama-perplexity")
 
 
 def test_llamacpp_protocol_equals_llama_perplexity(tmp_path, tiny, tiny_gguf, converter, llama_perplexity):
@@ -201,13 +208,13 @@ def test_llamacpp_protocol_equals_llama_perplexity(tmp_path, tiny, tiny_gguf, co
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     metrics = json.loads((tmp_path / "results" / "tiny" / "gguf" / "Q4_K_M" / "metrics.json").read_text())
     assert metrics["protocol"]["tokenizer"]["kind"] == "gguf"
-    ref = subprocess.run([str(llama_perplexity), "-m", str(tmp_path / "results" / "tiny" / "gguf" / "Q4_K_M" / "model.gguf"),
-                          "-f", str(text), "-c", "128", "-t", "2"], capture_output=True, text=True, check=True)
-    final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", ref.stdout + ref.stderr)
-    assert final, ref.stderr[-3000:]
+    tool = subprocess.run([str(llama_perplexity), "-m", str(tmp_path / "results" / "tiny" / "gguf" / "Q4_K_M" / "model.gguf"),
+                           "-f", str(text), "-c", "128", "-t", "2"], capture_output=True, text=True, check=True)
+    final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", tool.stdout + tool.stderr)
+    assert final, tool.stderr[-3000:]
     assert f"{metrics['ppl']:.4f}" == final.group(1)
     assert f"{metrics['ppl_stderr']:.5f}" == final.group(2)
-    chunks = re.search(r"calculating perplexity over (\d+) chunks", ref.stderr)
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", tool.stderr)
     assert int(chunks.group(1)) == metrics["protocol"]["n_windows"]
     df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index("method")
     assert df.loc["gguf", "kl_mean"] > 0 and 0 < df.loc["gguf", "top1_agree"] < 1

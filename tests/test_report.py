@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, snakemake, write_config
-from quantbench import config as qbconfig, published
+
+from quantbench import config as qbconfig
+from quantbench import published
 
 OPT = {"source": "hf", "repo": "facebook/opt-125m", "revision": "27dcfa74d334bc871f3234de431e71c6eeba5dd6"}
 PROTOCOL = {"name": "gptq", "follows": "GPTQ repository llama_eval", "context": 2048, "stride": 2048,
@@ -92,7 +94,7 @@ def test_starting_tables_and_guide_come_from_the_cells(report_run):
         assert heading in md
     precision = md.split("### Precision")[1].split("###")[0]
     fp32 = next(line for line in precision.splitlines() if "| FP32" in line)
-    assert "| 28 " in fp32 and "agrees" in fp32  # 477.7 MiB over 125.2 M params = 4.0 B/param -> 28 GB at 7 B
+    assert "| 28.0 " in fp32 and "agrees" in fp32  # 477.7 MiB over 125.2 M params = 4.0 B/param -> 28 GB at 7 B
     gguf = md.split("### GGUF levels")[1].split("###")[0]
     q4 = next(line for line in gguf.splitlines() if "Q4_K_M" in line)
     assert "balanced quality" in q4 and "agrees" in q4  # +4.3% ΔPPL is within 'balanced' (≤ 10%)
@@ -115,6 +117,20 @@ def test_html_is_self_contained_with_plots_and_badges(report_run):
     for name in ["quality_vs_bpw.png", "size_per_method.png", "speed_per_method.png"]:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_tables_speak_in_words_with_numbers_written_per_column(report_run):
+    work, _ = report_run
+    out = work / "results" / "report"
+    md, page = (out / "summary.md").read_text(), (out / "report.html").read_text()
+    for raw in ["claimed_size_ratio", "delta_ppl_pct", "eval_tokens_per_s", "decided_by", "bits_per_weight"]:
+        assert raw not in md.split("## Results")[1] and f"<th>{raw}</th>" not in page, raw  # headings in words
+    results = md.split("## Results")[1].split("\n## ")[0]
+    gptq = next(line for line in results.splitlines() if "| gptq " in line)
+    assert "| 31.200 " in gptq and "| +12.64 " in gptq and "| 80.0% " in gptq  # ppl, ΔPPL %, top-1 as written
+    gguf = md.split("### GGUF levels")[1].split("###")[0]
+    assert "| 45% " in gguf  # claimed share of FP16
+    assert page.count('<div class="scroll"><table>') == page.count("<table>") > 3  # wide tables scroll in the page
 
 
 def test_snakemake_report_lists_the_outputs_by_category(report_run):

@@ -17,7 +17,7 @@ from conftest import REPO, share_tools, snakemake, write_config
 pytestmark = pytest.mark.integration
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
-GPU_RULES = {"evaluate_baseline", "evaluate_gguf", "evaluate_checkpoint", "evaluate_load_time", "quantize_checkpoint"}
+GPU_RULES = {"evaluate_baseline", "evaluate_gguf", "evaluate_packed", "evaluate_load_time", "quantize_packed"}
 # The profile as a user runs it, plus what this cluster needs: no accounting database (status from
 # squeue, no account), its partition, and thread counts that fit the machine (at most 2 CPUs).
 SLURM = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), "--slurm-status-command", "squeue",
@@ -77,7 +77,7 @@ def test_the_workflow_runs_through_sbatch_with_gpus_for_gpu_rules(slurm, tmp_pat
     jobs = jobs_of(state, tmp_path)
     print("\n".join(f"{j['rule']} gpu={j['gpu']} {j['record']}" for j in jobs.values()))  # for the log
     rules = sorted(j["rule"] for j in jobs.values())
-    assert rules == sorted(["download_model", "tokenize_eval_text", "gguf_convert", "gguf_quantize", "gguf_quantize",
+    assert rules == sorted(["download_model", "tokenize_eval_text", "convert_gguf", "quantize_gguf", "quantize_gguf",
                             "evaluate_baseline", "evaluate_gguf", "evaluate_gguf", "report"])
     assert all(j["state"] == "COMPLETED" for j in jobs.values())
     assert all(j["gpu"] == (j["rule"] in GPU_RULES) for j in jobs.values()), jobs

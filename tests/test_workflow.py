@@ -19,8 +19,8 @@ def test_dry_run_of_the_default_config_shows_the_whole_dag(tmp_path):
     counts = dict(line.split()[:2] for line in run.stdout.splitlines()
                   if len(line.split()) == 2 and line.split()[1].isdigit())
     assert counts["download_model"] == "1"
-    assert counts["gguf_convert"] == "1"
-    assert counts["gguf_quantize"] == "6"
+    assert counts["convert_gguf"] == "1"
+    assert counts["quantize_gguf"] == "6"
     assert counts["evaluate_gguf"] == "6"
     assert counts["evaluate_baseline"] == "1"
     assert counts["report"] == "1"
@@ -43,7 +43,7 @@ def test_a_bad_config_stops_before_any_job_and_keeps_results(tmp_path):
     })
     run = snakemake(tmp_path, config=cfg)
     assert run.returncode != 0
-    assert "config key 'methods.gguf.variants[1]': 'Q9_K' is not a llama.cpp quantization type" in run.stderr
+    assert "config key 'methods.gguf.variants[1]': gguf does not support type='Q9_K'" in run.stderr
     assert done.read_text() == "{}"
     assert [p for p in (tmp_path / "results").rglob("*") if p.is_file()] == [done]  # no job ran
 

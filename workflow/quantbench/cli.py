@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .config import KERNELS
+from .methods import KERNELS
 
 
 def _fetch_model(a):
@@ -16,9 +15,9 @@ def _fetch_model(a):
 
 
 def _fetch_converter(a):
-    from . import gguf
+    from . import llamacpp
 
-    gguf.fetch_converter(a.out)
+    llamacpp.fetch_converter(a.out)
 
 
 def _import_wikitext(a):
@@ -40,52 +39,24 @@ def _tokenize(a):
 
 
 def _convert(a):
-    from . import gguf
+    from . import llamacpp
 
-    gguf.convert(a.hf, a.out, a.converter)
-
-
-def _quantize(a):
-    from . import gguf, io
-
-    info = gguf.quantize(a.src, a.dst, a.type, a.threads)
-    io.write_json(a.info, info | gguf.stats(a.dst))  # read once here, not by every evaluation
+    llamacpp.convert(a.hf, a.out, a.converter)
 
 
-def _eval(a):
-    from . import evaluate, gguf, io
+def _quantize_gguf(a):
+    from . import artifacts, io, llamacpp
 
-    cell, eval_spec = json.loads(a.cell), json.loads(a.eval)
-    method, params = cell["method"], cell["params"]
+    info = llamacpp.quantize(a.src, a.dst, a.type, a.threads)
+    io.write_json(a.info, info | artifacts.gguf_stats(a.dst))  # read once here, not by every evaluation
 
-    def artifact() -> dict:
-        extra = io.read_json(a.quant_info) if a.quant_info else {}
-        if extra.get("status", "ok") != "ok":
-            raise RuntimeError(f"quantization failed: {extra['error']}")
-        if a.gguf:
-            return extra if "tensor_types" in extra else gguf.stats(a.gguf) | extra
-        stats = evaluate.safetensors_stats(a.model_dir)
-        if method in evaluate.LOAD_TIME:  # nothing on disk: size is the in-memory footprint, known once loaded
-            return {"n_params": stats["n_params"]}
-        if a.base_dir:  # a packed checkpoint: bits per weight over the unquantized model's parameters
-            n_params = evaluate.safetensors_stats(a.base_dir)["n_params"]
-            stats |= {"n_params": n_params, "bits_per_weight": 8 * stats["stored_bytes"] / n_params}
-        return stats | extra
 
-    def open_scorer():
-        if a.gguf:
-            return evaluate.LlamaCppScorer(a.gguf, eval_spec["context"], a.threads)
-        return evaluate.TransformersScorer.load(method, params, a.model_dir, a.threads, a.kernel)
+def _evaluate(a):
+    from . import evaluate
 
-    record = evaluate.evaluate_cell(cell, open_scorer, artifact, a.tokens, a.tokens_meta, eval_spec, a.threads,
-                                    a.reference, a.write_reference)
-    io.write_json(a.out, record)
-    where = f"{cell['model']}/{method}/{cell['variant']}"
-    if record["status"] != "ok":
-        print(f"{where}: {record['status']}: {record['error']}", file=sys.stderr)
-    else:
-        print(f"{where}: ppl {record['ppl']:.4f} ± {record['ppl_stderr']:.4f} over {record['n_tokens']} tokens, "
-              f"{record['eval_tokens_per_s']:.0f} tok/s")
+    evaluate.run(a.out, json.loads(a.cell), a.artifact, a.tokens, a.tokens_meta, json.loads(a.eval), a.threads,
+                 base_dir=a.base_dir, quantize_info=a.quantize_info, kernel=a.kernel,
+                 distributions=a.distributions, write_distributions=a.write_distributions)
 
 
 def _calibrate(a):
@@ -94,22 +65,10 @@ def _calibrate(a):
     calibration.build(json.loads(a.spec), a.hf, a.eval_ids, a.ids, a.meta)
 
 
-def _quantize_checkpoint(a):
-    import traceback
+def _quantize_packed(a):
+    from . import packed
 
-    from . import checkpoint, io
-
-    cell = json.loads(a.cell)
-    try:
-        info = {"status": "ok", **checkpoint.quantize_isolated(cell["method"], cell["params"], a.hf, a.calib,
-                                                                a.out, a.threads)}
-    except Exception as exc:  # noqa: BLE001 - recorded; the evaluation turns it into a failed row
-        traceback.print_exc()
-        info = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-    if a.calib_meta:
-        info["calibration"] = io.read_json(a.calib_meta)
-    io.write_json(a.info, info)
+    packed.run(json.loads(a.cell), a.hf, a.calib, a.calib_meta, a.out, a.info, a.threads)
 
 
 def _report(a):
@@ -157,31 +116,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("quantize", help="F16 GGUF -> a llama.cpp quantization type")
+    p = sub.add_parser("quantize-gguf", help="F16 GGUF -> a llama.cpp quantization type")
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--type", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--info", required=True, help="where to write quantize time and the GGUF's size and tensor types")
-    p.set_defaults(func=_quantize)
+    p.set_defaults(func=_quantize_gguf)
 
-    p = sub.add_parser("eval", help="score one cell on the shared token stream")
-    p.add_argument("--cell", required=True, help="model/method/variant/bits, as JSON")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--gguf", help="a GGUF file, scored with llama.cpp")
-    src.add_argument("--model-dir", help="a HF directory, scored with transformers")
-    p.add_argument("--quant-info", help="quantize.json of the cell (time, calibration, status)")
+    p = sub.add_parser("evaluate", help="score one cell on the shared token stream")
+    p.add_argument("--cell", required=True, help="model/method/variant/bits/params, as JSON")
+    p.add_argument("--artifact", required=True, help="the cell's GGUF file or Hugging Face directory")
+    p.add_argument("--quantize-info", help="quantize.json of the cell (time, calibration, status)")
     p.add_argument("--base-dir", help="the unquantized HF dir, for bits per weight of a packed checkpoint")
-    p.add_argument("--kernel", default="auto", choices=KERNELS, help="GPTQModel kernel for a gptq/awq/rtn checkpoint")
+    p.add_argument("--kernel", default="auto", choices=KERNELS, help="GPTQModel kernel for a packed checkpoint")
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokens-meta", required=True)
     p.add_argument("--eval", required=True, help="the config's eval section, as JSON")
-    ref = p.add_mutually_exclusive_group()
-    ref.add_argument("--reference", help="the FP16 baseline's reference.npz, for KL divergence and top-1 agreement")
-    ref.add_argument("--write-reference", help="write this cell's distributions as the model's reference.npz")
+    dist = p.add_mutually_exclusive_group()
+    dist.add_argument("--distributions", help="the FP16 baseline's distributions.npz, for KL divergence and top-1")
+    dist.add_argument("--write-distributions", help="write this cell's distributions as the model's distributions.npz")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("calibrate", help="draw the calibration tokens of the calibration spec")
     p.add_argument("--spec", required=True, help="the config's calibration section, as JSON")
@@ -191,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--meta", required=True)
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("quantize-checkpoint", help="GPTQ / AWQ / RTN through GPTQModel")
+    p = sub.add_parser("quantize-packed", help="GPTQ / AWQ / RTN through GPTQModel")
     p.add_argument("--cell", required=True)
     p.add_argument("--hf", required=True)
     p.add_argument("--calib")
@@ -199,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--info", required=True)
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_quantize_checkpoint)
+    p.set_defaults(func=_quantize_packed)
 
     p = sub.add_parser("report", help="aggregate metrics.json files into the report (CSV, Markdown, HTML, plots)")
     p.add_argument("--models", required=True, help="the config's models section, as JSON")

@@ -1,15 +1,22 @@
 """The report's figures, as PNG files: quality vs bits per weight with the Pareto front, size per
-method, evaluation speed per method."""
+method, evaluation speed per method. Each method has one colour in every figure."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 
-from . import guide
-from .config import BASELINE
+from .methods import BASELINE, METHODS
+from .summary import weight_bytes
 
 FIGURES = {"quality": "quality_vs_bpw.png", "size": "size_per_method.png", "speed": "speed_per_method.png"}
+
+
+def color(method: str):
+    """A method's colour, the same in every figure: its place in the method table."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](list(METHODS).index(method) % 10)
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -23,7 +30,7 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 
 def _name(row) -> str:
-    return "FP16" if row["method"] == BASELINE else f"{row['method']} {row['variant']}"
+    return "FP16" if row["method"] == BASELINE.name else f"{row['method']} {row['variant']}"
 
 
 def _pyplot():
@@ -35,24 +42,44 @@ def _pyplot():
     return plt
 
 
+# Label offsets in points, tried in turn until a label overlaps no label placed before it.
+OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 14), (5, -21), (-5, 14), (-5, -21), (5, 24), (-5, 24),
+           (5, -31), (-5, -31), (5, 34), (-5, 34)]
+
+
+def _label_points(ax, points: pd.DataFrame, x: str, y: str) -> None:
+    """Name every point, each label at the first nearby place where it overlaps no label placed before
+    it; a label set away from its point gets a thin leader line."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for _, row in points.sort_values([x, y]).iterrows():
+        for dx, dy in OFFSETS:
+            text = ax.annotate(_name(row), (row[x], row[y]), fontsize=7, xytext=(dx, dy), textcoords="offset points",
+                               ha="left" if dx > 0 else "right", va="bottom",
+                               arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.6"} if abs(dy) > 10 else None)
+            box = text.get_window_extent(renderer)
+            if (dx, dy) == OFFSETS[-1] or not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        placed.append(box)
+
+
 def quality(df: pd.DataFrame, path: Path) -> None:
     plt = _pyplot()
     ok = df[(df["status"] == "ok") & df["bits_per_weight"].notna()]
     models = sorted(ok["model"].unique())
     metrics = [m for m in ("ppl", "kl_mean") if ok[m].notna().any()]
-    fig, axes = plt.subplots(len(models) or 1, len(metrics) or 1, figsize=(6.5 * max(len(metrics), 1), 4.8 * max(len(models), 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(models) or 1, len(metrics) or 1, figsize=(7.5 * max(len(metrics), 1),
+                             5.6 * max(len(models), 1)), squeeze=False)
     for r, model in enumerate(models):
         cells = ok[ok["model"] == model]
         for c, metric in enumerate(metrics):
             ax, points = axes[r][c], cells.dropna(subset=[metric])
             if metric == "kl_mean":
-                points = points[points["method"] != BASELINE]  # zero by definition: off a log axis
-            for method, group in points.groupby("method"):
-                ax.scatter(group["bits_per_weight"], group[metric], label="FP16" if method == BASELINE else method, s=36)
-            for _, row in points.iterrows():
-                ax.annotate(_name(row), (row["bits_per_weight"], row[metric]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                points = points[points["method"] != BASELINE.name]  # zero by definition: off a log axis
+            for method, group in points.groupby("method", sort=False):
+                ax.scatter(group["bits_per_weight"], group[metric], color=color(method), s=36,
+                           label="FP16" if method == BASELINE.name else method)
             front = pareto_front(points, "bits_per_weight", metric)
             if not front.empty:
                 ax.step(front["bits_per_weight"], front[metric], where="post", color="black", lw=1, ls="--",
@@ -63,6 +90,8 @@ def quality(df: pd.DataFrame, path: Path) -> None:
             ax.set_title(f"{model}: {'perplexity' if metric == 'ppl' else 'KL divergence from FP16'} vs size")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
+            fig.tight_layout()
+            _label_points(ax, points, "bits_per_weight", metric)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -73,9 +102,7 @@ def _bars(df: pd.DataFrame, column: str, scale: float, xlabel: str, title: str, 
     ok = df[(df["status"] == "ok") & df[column].notna()].sort_values(["model", "method", "variant"])
     fig, ax = plt.subplots(figsize=(8, 0.32 * max(len(ok), 4) + 1.2))
     labels = [f"{r['model']} · {_name(r)}" for _, r in ok.iterrows()]
-    methods = list(dict.fromkeys(ok["method"]))
-    colors = [plt.cm.tab10(methods.index(m) % 10) for m in ok["method"]]
-    ax.barh(labels, ok[column] / scale, color=colors)
+    ax.barh(labels, ok[column] / scale, color=[color(m) for m in ok["method"]])
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title)
@@ -88,7 +115,7 @@ def _bars(df: pd.DataFrame, column: str, scale: float, xlabel: str, title: str, 
 def draw(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     paths = {k: out_dir / v for k, v in FIGURES.items()}
     quality(df, paths["quality"])
-    sized = df.assign(weight_bytes=guide.weight_bytes(df))
+    sized = df.assign(weight_bytes=weight_bytes(df))
     _bars(sized, "weight_bytes", 1e6, "size of the weights, MB (on disk; in memory for load-time methods)",
           "Size per method", paths["size"])
     _bars(df, "eval_tokens_per_s", 1, "evaluation tokens/s (each cell on the device in its row of the table)",

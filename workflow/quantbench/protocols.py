@@ -1,5 +1,5 @@
 """Evaluation protocols: which windows of the token stream a model sees, which positions
-are scored and how their losses are averaged — exactly as the reference tools do it.
+are scored and how their losses are averaged — exactly as the upstream tools do it.
 
 - `llamacpp`: llama.cpp's `llama-perplexity` (tools/perplexity, `perplexity()`).
 - `gptq`: the GPTQ/AWQ papers' evaluation loop (GPTQ repository, `llama_eval`).
@@ -16,6 +16,31 @@ NAMES = ("gptq", "llamacpp", "sliding", "sliding-seed")
 DEFAULT_CONTEXT = {"gptq": 2048, "llamacpp": 512, "sliding": 2048, "sliding-seed": 2048}
 DEFAULT_STRIDE = 512
 SLIDING = {"sliding", "sliding-seed"}
+
+
+class SpecError(ValueError):
+    """An evaluation spec that no protocol can run, with the key of `eval` that causes it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def resolve(spec: dict) -> dict:
+    """The eval spec with its protocol's defaults filled in (the one place they are applied), checked."""
+    name = spec["protocol"]
+    if name not in NAMES:
+        raise SpecError("protocol", f"unknown protocol {name!r}; known: {', '.join(NAMES)}")
+    spec = {**spec, "context": spec.get("context") or DEFAULT_CONTEXT[name]}
+    if name in SLIDING:
+        spec["stride"] = spec.get("stride") or DEFAULT_STRIDE
+        if spec["stride"] > spec["context"]:
+            raise SpecError("stride", f"stride {spec['stride']} is longer than the window ({spec['context']})")
+    elif "stride" in spec:
+        raise SpecError("stride", f"only the sliding protocols take a stride; {name} steps by whole windows")
+    if name == "llamacpp" and spec["context"] % 2:
+        raise SpecError("context", "the llamacpp protocol scores the second half of each window: use an even context")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -36,10 +61,9 @@ class Protocol:
 
     @classmethod
     def from_spec(cls, spec: dict) -> Protocol:
-        name = spec["protocol"]
-        context = spec.get("context") or DEFAULT_CONTEXT[name]
-        stride = (spec.get("stride") or DEFAULT_STRIDE) if name in SLIDING else context
-        return cls(name, context, stride, spec.get("max_windows", 0), spec.get("skip_tokens", 0))
+        spec = resolve(spec)
+        return cls(spec["protocol"], spec["context"], spec.get("stride", spec["context"]), spec.get("max_windows", 0),
+                   spec.get("skip_tokens", 0))
 
     @property
     def window_mean(self) -> bool:
@@ -47,7 +71,7 @@ class Protocol:
         return self.name == "sliding-seed"
 
     def windows(self, n_tokens: int, add_bos: bool = False) -> list[Window]:
-        """Windows over tokens [skip, n_tokens), in the order the reference tool scores them."""
+        """Windows over tokens [skip, n_tokens), in the order the upstream tool scores them."""
         n, s = n_tokens - self.skip, self.skip
         ctx, stride = self.context, self.stride
         if self.name == "gptq":  # testenc[:, i*seqlen:(i+1)*seqlen]; loss over shifted labels

@@ -1,6 +1,6 @@
-"""Every cell's metrics.json -> results/report/: summary.csv (tidy, every metric), summary.md and a
-self-contained report.html (tables, plots, published references, the tables users start from,
-a selection guide), and the plots as PNG files."""
+"""The report: every cell's metrics.json -> results/report/: summary.csv (tidy, every metric), summary.md
+and a self-contained report.html (tables, plots, published references, the tables users start from,
+a selection guide), rendered from the templates in templates/, and the plots as PNG files."""
 from __future__ import annotations
 
 import base64
@@ -10,22 +10,34 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 
-from . import guide, io, plots, published
-from .config import BASELINE
+from . import claims as claims_tables
+from . import guide, io, plots, published, summary
+from .methods import BASELINE, METHODS
 
-COLUMNS = [  # the CSV's leading columns; every other metric follows
-    "model", "method", "variant", "status", "bits", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "kl_p99",
-    "top1_agree", "size_bytes", "size_ratio", "bits_per_weight", "weight_memory_mb", "eval_tokens_per_s",
-    "peak_rss_mb", "peak_vram_mb", "quantize_s", "device", "compute_dtype", "error",
-]
-MAIN = {  # the main table: column -> heading
-    "model": "model", "method": "method", "variant": "variant", "status": "status", "bits_per_weight": "bpw",
-    "size_MB": "size MB", "size_ratio": "size / FP16", "ppl": "ppl", "ppl_stderr": "± stderr",
-    "delta_ppl_pct": "ΔPPL %", "kl_mean": "KL mean", "kl_p99": "KL p99", "top1_agree": "top-1 agree",
-    "eval_tokens_per_s": "tokens/s", "peak_MB": "peak memory MB", "quantize_s": "quantize s", "device": "device",
+MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
+        "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "peak_MB", "quantize_s", "device"]
+# Every column any table shows: its heading in words, and how its numbers are written.
+COLUMNS = {
+    "bits_per_weight": ("bits / weight", "{:.2f}"), "size_MB": ("size MB", "{:.1f}"),
+    "size_ratio": ("size / FP16", "{:.2f}"), "ppl": ("perplexity", "{:.3f}"), "ppl_stderr": ("± stderr", "{:.3f}"),
+    "delta_ppl_pct": ("ΔPPL %", "{:+.2f}"), "kl_mean": ("KL mean", "{:.4f}"), "kl_p99": ("KL p99", "{:.3f}"),
+    "top1_agree": ("top-1 agree %", "{:.1%}"), "eval_tokens_per_s": ("tokens / s", "{:.0f}"),
+    "peak_MB": ("peak memory MB", "{:.0f}"), "quantize_s": ("quantize s", "{:.1f}"),
+    "claimed_bytes_per_param": ("claimed bytes / param", "{:.2f}"),
+    "measured_bytes_per_param": ("measured bytes / param", "{:.2f}"),
+    "claimed_size_7b_gb": ("claimed 7B size GB", "{:.1f}"), "measured_size_7b_gb": ("measured 7B size GB", "{:.1f}"),
+    "claimed_memory_7b_gb": ("claimed 7B memory GB", "{:.1f}"),
+    "measured_memory_7b_gb": ("measured 7B memory GB", "{:.1f}"),
+    "claimed_size_ratio": ("claimed size / FP16", "{:.0%}"), "measured_size_ratio": ("measured size / FP16", "{:.0%}"),
+    "claimed_quality": ("claimed quality", None), "claimed_quality_loss": ("claimed quality loss", None),
+    "claimed_speed": ("claimed speed", None), "speed_vs_fp16": ("speed / FP16", "{:.2f}x"),
+    "decided_by": ("decided by", None), "measured": ("measured", "{:.5g}"), "published": ("published", "{:.5g}"),
+    "delta": ("difference", "{:+.4g}"), "delta_pct": ("difference %", "{:+.2f}"),
+    "within_tolerance": ("within tolerance", None), "context": ("context", "{:.0f}"),
 }
 
 
@@ -38,51 +50,10 @@ class Section:
     level: int = 2
 
 
-def load(metrics_files: list[str]) -> pd.DataFrame:
-    rows = []
-    for path in metrics_files:
-        record = io.read_json(path)
-        protocol = record.pop("protocol", None) or {}
-        versions = record.pop("versions", None) or {}
-        record["tensor_types"] = _share(record.get("tensor_types"))
-        record |= {f"protocol_{k}": v for k, v in protocol.items() if not isinstance(v, dict)}
-        tokenizer = protocol.get("tokenizer") or {}
-        record["protocol_tokenizer"] = f"{tokenizer.get('kind', 'hf')}:{tokenizer.get('class')}"
-        record |= {f"version_{k}": v for k, v in versions.items()}
-        record = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in record.items()}
-        rows.append(record)
-    df = pd.json_normalize(rows, max_level=0)
-    for column in COLUMNS:  # a matrix whose cells all failed still has every column
-        if column not in df.columns:
-            df[column] = None
-    return df
-
-
-def _share(types: dict | None) -> str | None:
-    """{'Q5_0': 78e6, 'Q8_0': 30e6} -> 'Q5_0 72%, Q8_0 28%': what a GGUF really stores."""
-    if not types:
-        return None
-    total = sum(types.values())
-    return ", ".join(f"{t} {n / total:.0%}" for t, n in types.items() if n / total >= 0.005)
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """ΔPPL % and size ratio against each model's FP16 baseline; sorted by model, then bits per weight."""
-    numeric = [c for c in COLUMNS if c not in ("model", "method", "variant", "status", "device", "compute_dtype", "error")]
-    df = df.copy()
-    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
-    base = df[(df["method"] == BASELINE) & (df["status"] == "ok")].set_index("model")
-    df["delta_ppl_pct"] = (df["ppl"] - df["model"].map(base["ppl"])) / df["model"].map(base["ppl"]) * 100
-    df["size_ratio"] = df["size_bytes"] / df["model"].map(base["size_bytes"])
-    df = df.sort_values(["model", "bits_per_weight"], ascending=[True, False], na_position="last")
-    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]].reset_index(drop=True)
-
-
 def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: pd.DataFrame, n_references: int,
              claims: dict, tolerance_pct: float, budget_pct: float) -> list[Section]:
-    main = df.assign(method=df["method"].replace({BASELINE: "FP16 (baseline)"}), size_MB=df["size_bytes"] / 1e6,
-                     peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]))
-    main = main[list(MAIN)].rename(columns=MAIN)
+    main = df.assign(method=df["method"].replace({BASELINE.name: "FP16 (baseline)"}), size_MB=df["size_bytes"] / 1e6,
+                     peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]))[MAIN]
     out = [Section("Results", _protocol_note(df) + _calibration_note(df) + _status_notes(df) + [
         f"**{name}**: {spec['note']}" for name, spec in models.items() if spec.get("note")], main)]
     out.append(Section("Plots", ["Quality against bits per weight, with the Pareto front (no other cell is both "
@@ -105,9 +76,9 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
     out.append(Section("Precision, bytes per parameter, and a 7B model", [
         "Measured bits per weight extrapolated to 7 B parameters. Memory = those weights plus the rest of "
         "the measured peak (runtime, activations, logits) as it was on this machine."],
-        guide.precision_table(df, claims), level=3))
-    out.append(Section("GGUF levels", [], guide.gguf_table(df, claims), level=3))
-    out.append(Section("Method families", [], guide.method_table(df, claims), level=3))
+        claims_tables.precision_table(df, claims), level=3))
+    out.append(Section("GGUF levels", [], claims_tables.gguf_table(df, claims), level=3))
+    out.append(Section("Method families", [], claims_tables.method_table(df, claims), level=3))
     out.append(Section("Selection guide", [
         f"The best measured cell for each scenario, among cells within ΔPPL ≤ {budget_pct:g}% of FP16 "
         "(`report.quality_budget_pct`), and how it compares with the usual advice."],
@@ -130,10 +101,18 @@ def _protocol_note(df: pd.DataFrame) -> list[str]:
         f"`{str(first.get('protocol_text_sha256'))[:16]}…`.",
         "ΔPPL % = (ppl − ppl_FP16) / ppl_FP16 × 100; size / FP16 = size on disk over the FP16 checkpoint's. "
         "KL mean, KL p99: KL(FP16 ‖ cell) of the next-token distributions over the scored tokens (nats); "
-        "top-1 agree: share of scored positions whose most likely token is FP16's. bpw: bits per weight "
-        "(GGUF: from its tensor types; checkpoints: bytes of the stored tensors; bitsandbytes: in-memory "
-        "footprint). The FP16 baseline runs in the dtype of its compute_dtype column in summary.csv (fp32 on a CPU).",
+        "top-1 agree: share of scored positions whose most likely token is FP16's. Bits / weight: "
+        + _bits_note(df) + ". The FP16 baseline runs in the dtype of its compute_dtype column in summary.csv (fp32 on a CPU).",
     ]
+
+
+def _bits_note(df: pd.DataFrame) -> str:
+    """How each method of the run counts bits per weight (the method table's `counted`)."""
+    by: dict = {}
+    for name in dict.fromkeys(df["method"]):
+        if name in METHODS:
+            by.setdefault(METHODS[name].counted, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {counted.value}" for counted, names in by.items())
 
 
 def _calibration_note(df: pd.DataFrame) -> list[str]:
@@ -152,45 +131,40 @@ def _status_notes(df: pd.DataFrame) -> list[str]:
     return [f"**{r.model} {r.method} {r.variant}** {r.status}: {r.error}" for r in df[df["status"] != "ok"].itertuples()]
 
 
-def _cell(value) -> str:
+def _text(column: str, value) -> str:
+    """A value as its column writes it."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "—"
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
-    if isinstance(value, float):
+    fmt = COLUMNS.get(column, (None, None))[1]
+    if fmt and isinstance(value, (int, float, np.number)):
+        return fmt.format(value)
+    if isinstance(value, (float, np.floating)):
         return f"{value:.4g}"
     return str(value)
 
 
-def markdown(parts: list[Section]) -> str:
-    lines = ["# quantbench report", ""]
-    for s in parts:
-        lines += ["#" * s.level + " " + s.title, ""]
-        for paragraph in s.text:
-            lines += [paragraph, ""]
-        for image in s.images:
-            lines += [f"![{image.stem}]({image.name})", ""]
-        if s.table is not None:
-            if s.table.empty:
-                lines += ["(no measured cell to show)", ""]
-            else:
-                shown = s.table.map(_cell)
-                if "status" in shown.columns:
-                    shown["status"] = [v if v == "ok" else f"**{v}**" for v in shown["status"]]
-                lines += [shown.to_markdown(index=False, disable_numparse=True), ""]
-    return "\n".join(lines)
+def _rows(table: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """Headings in words, and each cell as (text, kind): kind is 'status' or a verdict for the HTML badges."""
+    headings = [COLUMNS.get(c, (c.replace("_", " "), None))[0] for c in table.columns]
+    rows = []
+    for _, row in table.iterrows():
+        cells = []
+        for column, value in row.items():
+            text = _text(column, value)
+            kind = "status" if column == "status" else text.split(":")[0] if text.split(":")[0] in (
+                "agrees", "disagrees") else ""
+            cells.append((text, kind))
+        rows.append(cells)
+    return headings, rows
 
 
-STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
-table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 12.5px; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
-th { background: #f0f0f0; } td:nth-child(-n+3) { text-align: left; }
-code { background: #f4f4f4; padding: 0 3px; } img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
-.badge { border-radius: 3px; padding: 0 6px; color: #fff; font-weight: 600; font-size: 11px; }
-.ok { background: #2e7d32; } .failed { background: #c62828; } .skipped { background: #9e9e9e; }
-.agrees { color: #2e7d32; } .disagrees { color: #c62828; font-weight: 600; }
-"""
+def _markdown_table(table: pd.DataFrame) -> str:
+    headings, rows = _rows(table)
+    shown = pd.DataFrame([[f"**{t}**" if kind == "status" and t != "ok" else t for t, kind in r] for r in rows],
+                         columns=headings)
+    return shown.to_markdown(index=False, disable_numparse=True)
 
 
 def _inline(text: str) -> str:
@@ -199,50 +173,36 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
 
 
-def _html_table(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    rows = []
-    for _, row in table.iterrows():
-        cells = []
-        for column, value in row.items():
-            text = html.escape(_cell(value))
-            if column == "status":
-                text = f'<span class="badge {text}">{text}</span>'
-            elif isinstance(value, str) and value.split(":")[0] in ("agrees", "disagrees"):
-                text = f'<span class="{value.split(":")[0]}">{text}</span>'
-            cells.append(f"<td>{text}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("quantbench", "templates"), autoescape=False,
+                               keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 
-def to_html(parts: list[Section]) -> str:
-    """One file, no network: styles inline, plots embedded as data URIs."""
-    body = ["<h1>quantbench report</h1>"]
+def render(parts: list[Section], template: str) -> str:
+    """summary.md or report.html from its template; the HTML embeds its plots as data URIs (no network)."""
+    html_page = template.endswith(".html.j2")
+    views = []
     for s in parts:
-        body.append(f"<h{s.level}>{html.escape(s.title)}</h{s.level}>")
-        body += [f"<p>{_inline(p)}</p>" for p in s.text]
-        for image in s.images:
-            data = base64.b64encode(image.read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">')
-        if s.table is not None:
-            body.append(_html_table(s.table) if not s.table.empty else "<p>(no measured cell to show)</p>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>quantbench report</title>"
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+        shown = s.table is not None and not s.table.empty
+        views.append({"section": s, "empty": s.table is not None and s.table.empty,
+                      "table": _rows(s.table) if shown and html_page else None,
+                      "markdown": _markdown_table(s.table) if shown and not html_page else None,
+                      "images": [(image, base64.b64encode(image.read_bytes()).decode() if html_page else None)
+                                 for image in s.images]})
+    return TEMPLATES.get_template(template).render(views=views, inline=_inline, escape=html.escape)
 
 
 def build(metrics_files: list[str], models: dict, out_dir: str, references: list[str], tolerance_pct: float,
           budget_pct: float) -> pd.DataFrame:
-    df = summarize(load(metrics_files))
+    df = summary.summarize(summary.load(metrics_files))
     refs = published.load(references)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = plots.draw(df, out)
     matches = published.match(df, refs, models, tolerance_pct)
-    parts = sections(df, models, figures, matches, len(refs), guide.load_claims(), tolerance_pct, budget_pct)
+    parts = sections(df, models, figures, matches, len(refs), claims_tables.load(), tolerance_pct, budget_pct)
     with io.atomic_path(out / "summary.csv") as tmp:
         df.to_csv(tmp, index=False)
-    with io.atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(markdown(parts), encoding="utf-8")
-    with io.atomic_path(out / "report.html") as tmp:
-        tmp.write_text(to_html(parts), encoding="utf-8")
+    for name, template in (("summary.md", "summary.md.j2"), ("report.html", "report.html.j2")):
+        with io.atomic_path(out / name) as tmp:
+            tmp.write_text(render(parts, template), encoding="utf-8")
     return df

@@ -127,9 +127,9 @@ def tokenize(described: dict, out_ids: str, out_meta: str, hf_dir: str | None = 
     from the GGUF vocabulary, as llama-perplexity does; every backend scores these ids."""
     text = load_text(described)
     if gguf_file:
-        from . import gguf
+        from . import llamacpp
 
-        ids, tokenizer = gguf.tokenize(gguf_file, text)
+        ids, tokenizer = llamacpp.tokenize(gguf_file, text)
     else:
         ids, tokenizer = _hf_tokenize(hf_dir, text)
     ids = np.asarray(ids, dtype=np.int32)

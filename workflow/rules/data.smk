@@ -1,10 +1,10 @@
 rule fetch_eval_text:
     output:
-        f"{RESOURCES}/data/{{dataset}}/test_rows.json",
+        paths.TEXT_CACHE,
     log:
-        "results/logs/data/{dataset}.log",
+        paths.log("data", "{dataset}"),
     benchmark:
-        "results/benchmarks/data/{dataset}.tsv"
+        paths.benchmark("data", "{dataset}")
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -19,17 +19,14 @@ rule fetch_eval_text:
 rule tokenize_eval_text:
     """The evaluation text, tokenized once per model; every backend scores these ids."""
     input:
-        unpack(tokenizer_inputs),
+        unpack(PLAN.tokenizer_inputs),
     output:
-        ids="results/{model}/data/eval_tokens.npy",
-        meta="results/{model}/data/eval_tokens.json",
-    params:
-        text=json.dumps(TEXT),
-        tokenizer=lambda w, input: f"--gguf {input.gguf}" if "gguf" in input.keys() else f"--hf {input.hf}",
+        ids=paths.EVAL_TOKENS,
+        meta=paths.EVAL_TOKENS_META,
     log:
-        "results/logs/tokenize/{model}.log",
+        paths.log("tokenize", paths.PER_MODEL),
     benchmark:
-        "results/benchmarks/tokenize/{model}.tsv"
+        paths.benchmark("tokenize", paths.PER_MODEL)
     conda:
         "../../envs/llamacpp.yaml" if config["eval"]["tokens"] == "gguf" else "../../envs/torch.yaml"
     threads: 1
@@ -37,6 +34,9 @@ rule tokenize_eval_text:
         gpu=0,
         mem_mb=scaled_by_attempt(4000),
         runtime=60,
+    params:
+        text=PLAN.text_settings,
+        tokenizer=PLAN.tokenizer_args,
     shell:
         "python -m quantbench tokenize --text {params.text:q} {params.tokenizer} --ids {output.ids} "
         "--meta {output.meta} > {log} 2>&1"

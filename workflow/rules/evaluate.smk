@@ -1,63 +1,102 @@
-# Evaluation jobs use the GPU when one is present (gpu=1), the CPU otherwise.
+# Evaluation: every cell scored on the model's one token stream, in the backend of its method's
+# family, on the GPU when one is present (gpu=1), the CPU otherwise.
 
 
 rule evaluate_baseline:
-    """The unquantized model in transformers: FP16/BF16 on CUDA, FP32 on a CPU."""
+    """The unquantized model in transformers (FP16/BF16 on CUDA, FP32 on a CPU); writes the
+    distributions every other cell of the model is compared with."""
     input:
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
     output:
-        metrics=cell_report(f"results/{{model}}/{qbconfig.BASELINE}/{qbconfig.BASELINE_VARIANT}/metrics.json"),
-        reference=REFERENCE,
-    params:
-        cell=lambda w: cell_json(w.model, qbconfig.BASELINE, qbconfig.BASELINE_VARIANT),
-        eval=EVAL_JSON,
+        metrics=cell_report(paths.baseline(paths.METRICS)),
+        distributions=paths.DISTRIBUTIONS,
     log:
-        "results/logs/evaluate/{model}/baseline.log",
+        paths.log("evaluate", paths.baseline(paths.PER_CELL)),
     benchmark:
-        "results/benchmarks/evaluate/{model}/baseline.tsv"
+        paths.benchmark("evaluate", paths.baseline(paths.PER_CELL))
     conda:
-        "../../envs/torch.yaml"
+        PLAN.env(Family.BASELINE)
     threads: 8
     resources:
         gpu=1,
         mem_mb=scaled_by_attempt(16000),
         runtime=720,
+    params:
+        cell=PLAN.cell_settings,
+        eval=PLAN.eval_settings,
     shell:
-        "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --write-reference {output.reference} "
-        "--out {output.metrics} > {log} 2>&1"
+        "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
+        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} "
+        "--write-distributions {output.distributions} --out {output.metrics} > {log} 2>&1"
 
 
 rule evaluate_gguf:
     """A GGUF cell in llama.cpp, fed the same token ids and windows as the baseline."""
     input:
-        gguf=rules.gguf_quantize.output.gguf,
-        info=rules.gguf_quantize.output.info,
+        gguf=rules.quantize_gguf.output.gguf,
+        info=rules.quantize_gguf.output.info,
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
-        reference=REFERENCE,
+        distributions=paths.DISTRIBUTIONS,
     output:
-        cell_report("results/{model}/gguf/{variant}/metrics.json"),
-    params:
-        cell=lambda w: cell_json(w.model, "gguf", w.variant),
-        eval=EVAL_JSON,
+        cell_report(paths.METRICS),
     log:
-        "results/logs/evaluate/{model}/gguf-{variant}.log",
+        paths.log("evaluate", paths.PER_CELL),
     benchmark:
-        "results/benchmarks/evaluate/{model}/gguf-{variant}.tsv"
+        paths.benchmark("evaluate", paths.PER_CELL)
+    wildcard_constraints:
+        method=PLAN.method_pattern(Family.GGUF),
     conda:
-        "../../envs/llamacpp.yaml"
+        PLAN.env(Family.GGUF)
     threads: 8
     resources:
         gpu=1,
         mem_mb=scaled_by_attempt(8000),
         runtime=720,
+    params:
+        cell=PLAN.cell_settings,
+        eval=PLAN.eval_settings,
     shell:
-        "python -m quantbench eval --cell {params.cell:q} --gguf {input.gguf} --quant-info {input.info} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --reference {input.reference} --threads {threads} "
-        "--out {output} > {log} 2>&1"
+        "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.gguf} --quantize-info {input.info} "
+        "--tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
+        "--distributions {input.distributions} --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule evaluate_packed:
+    """A packed checkpoint, loaded back through GPTQModel by the method's kernel."""
+    input:
+        model=rules.quantize_packed.output.model,
+        info=rules.quantize_packed.output.info,
+        hf=rules.download_model.output[0],
+        ids=rules.tokenize_eval_text.output.ids,
+        meta=rules.tokenize_eval_text.output.meta,
+        distributions=paths.DISTRIBUTIONS,
+    output:
+        cell_report(paths.METRICS),
+    log:
+        paths.log("evaluate", paths.PER_CELL),
+    benchmark:
+        paths.benchmark("evaluate", paths.PER_CELL)
+    wildcard_constraints:
+        method=PLAN.method_pattern(Family.PACKED),
+    conda:
+        PLAN.env(Family.PACKED)
+    threads: 8
+    resources:
+        gpu=1,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
+    params:
+        cell=PLAN.cell_settings,
+        eval=PLAN.eval_settings,
+        kernel=PLAN.kernel,
+    shell:
+        "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.model} --base-dir {input.hf} "
+        "--quantize-info {input.info} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
+        "--distributions {input.distributions} --kernel {params.kernel} --threads {threads} --out {output} "
+        "> {log} 2>&1"
 
 
 rule evaluate_load_time:
@@ -66,24 +105,26 @@ rule evaluate_load_time:
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
-        reference=REFERENCE,
+        distributions=paths.DISTRIBUTIONS,
     output:
-        cell_report("results/{model}/{load_time_method}/{variant}/metrics.json"),
-    params:
-        cell=lambda w: cell_json(w.model, w.load_time_method, w.variant),
-        eval=EVAL_JSON,
+        cell_report(paths.METRICS),
     log:
-        "results/logs/evaluate/{model}/{load_time_method}-{variant}.log",
+        paths.log("evaluate", paths.PER_CELL),
     benchmark:
-        "results/benchmarks/evaluate/{model}/{load_time_method}-{variant}.tsv"
+        paths.benchmark("evaluate", paths.PER_CELL)
+    wildcard_constraints:
+        method=PLAN.method_pattern(Family.LOAD_TIME),
     conda:
-        "../../envs/torch.yaml"
+        PLAN.env(Family.LOAD_TIME)
     threads: 8
     resources:
         gpu=1,
         mem_mb=scaled_by_attempt(16000),
         runtime=720,
+    params:
+        cell=PLAN.cell_settings,
+        eval=PLAN.eval_settings,
     shell:
-        "python -m quantbench eval --cell {params.cell:q} --model-dir {input.hf} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --reference {input.reference} --threads {threads} "
-        "--out {output} > {log} 2>&1"
+        "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
+        "--tokens-meta {input.meta} --eval {params.eval:q} --distributions {input.distributions} "
+        "--threads {threads} --out {output} > {log} 2>&1"

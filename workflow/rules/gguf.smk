@@ -1,4 +1,5 @@
-CONVERTER = f"{RESOURCES}/tools/llama.cpp-{qbgguf.LLAMA_CPP_PYTHON_PIN}/convert_hf_to_gguf.py"
+# The gguf method: HF -> F16 GGUF once per model, then one llama.cpp quantization per variant.
+CONVERTER = f"{paths.TOOLS}/llama.cpp-{llamacpp.LLAMA_CPP_PYTHON_PIN}/convert_hf_to_gguf.py"
 
 
 rule fetch_gguf_converter:
@@ -6,9 +7,9 @@ rule fetch_gguf_converter:
     output:
         CONVERTER,
     log:
-        "results/logs/gguf/fetch_converter.log",
+        paths.log("fetch_converter"),
     benchmark:
-        "results/benchmarks/gguf/fetch_converter.tsv"
+        paths.benchmark("fetch_converter")
     conda:
         "../../envs/llamacpp.yaml"
     threads: 1
@@ -20,17 +21,17 @@ rule fetch_gguf_converter:
         "python -m quantbench fetch-converter --out $(dirname {output}) > {log} 2>&1"
 
 
-rule gguf_convert:
-    """HF -> F16 GGUF, once per model; every k-quant starts from it."""
+rule convert_gguf:
+    """HF -> F16 GGUF, once per model; every llama.cpp type starts from it."""
     input:
         hf=rules.download_model.output[0],
         converter=CONVERTER,
     output:
-        "results/{model}/gguf/F16.gguf",
+        paths.F16_GGUF,
     log:
-        "results/logs/gguf/{model}/convert.log",
+        paths.log("convert", paths.PER_MODEL),
     benchmark:
-        "results/benchmarks/gguf/{model}/convert.tsv"
+        paths.benchmark("convert", paths.PER_MODEL)
     conda:
         "../../envs/llamacpp.yaml"
     threads: 2
@@ -42,25 +43,27 @@ rule gguf_convert:
         "python -m quantbench convert --hf {input.hf} --converter {input.converter} --out {output} > {log} 2>&1"
 
 
-rule gguf_quantize:
+rule quantize_gguf:
     input:
-        rules.gguf_convert.output[0],
+        rules.convert_gguf.output[0],
     output:
-        gguf="results/{model}/gguf/{variant}/model.gguf",
-        info="results/{model}/gguf/{variant}/quantize.json",
-    params:
-        type=lambda w: qbconfig.find_cell(config, w.model, "gguf", w.variant).params["type"],
+        gguf=paths.GGUF_FILE,
+        info=paths.QUANTIZE_INFO,
     log:
-        "results/logs/gguf/{model}/{variant}/quantize.log",
+        paths.log("quantize", paths.PER_CELL),
     benchmark:
-        "results/benchmarks/gguf/{model}/{variant}/quantize.tsv"
+        paths.benchmark("quantize", paths.PER_CELL)
+    wildcard_constraints:
+        method=PLAN.method_pattern(Family.GGUF),
     conda:
-        "../../envs/llamacpp.yaml"
+        PLAN.env(Family.GGUF)
     threads: 8
     resources:
         gpu=0,
         mem_mb=scaled_by_attempt(8000),
         runtime=60,
+    params:
+        type=PLAN.gguf_type,
     shell:
-        "python -m quantbench quantize --src {input} --dst {output.gguf} --type {params.type} "
+        "python -m quantbench quantize-gguf --src {input} --dst {output.gguf} --type {params.type} "
         "--threads {threads} --info {output.info} > {log} 2>&1"

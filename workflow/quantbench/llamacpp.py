@@ -1,4 +1,4 @@
-"""HF -> GGUF conversion and llama.cpp quantization.
+"""The gguf method's module: HF -> GGUF conversion, llama.cpp quantization, llama.cpp's tokenizer.
 
 The converter is llama.cpp's own `convert_hf_to_gguf.py`, taken from the sdist of
 the pinned llama-cpp-python (the same llama.cpp revision that quantizes and
@@ -7,8 +7,6 @@ evaluates), fetched once into a cache instead of being vendored here.
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,17 +19,9 @@ from . import io
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 LLAMA_CPP_PYTHON_PIN = "0.3.36"  # the same pin as pyproject.toml and envs/llamacpp.yaml
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
-# llama.cpp leaks its logger (llama.cpp#22142), whose writer thread can still hold the last lines, the
-# "Final estimate" among them, when main returns. The reference tool flushes it first; the folder name
-# keeps it apart from builds without that line.
-FLUSH_LOG_AT_EXIT = {"llama-perplexity": (
-    "tools/perplexity/perplexity.cpp",
-    "    llama_backend_free();\n\n    return 0;\n}",
-    "    llama_backend_free();\n    common_log_flush(common_log_main());\n\n    return 0;\n}")}
-TOOLS_DIR_NAME = f"llama.cpp-{LLAMA_CPP_PYTHON_PIN}-logflush"
 
 
-def _download_sdist(dest: str, version: str) -> Path:
+def download_sdist(dest: str, version: str) -> Path:
     # Only this package as an sdist: its build requirements (cmake, scikit-build-core) may come as wheels,
     # which pip needs just to read the metadata; ":all:" would compile cmake from source first.
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP_PYTHON,
@@ -40,7 +30,7 @@ def _download_sdist(dest: str, version: str) -> Path:
     return sdist
 
 
-def _extract_llama_cpp(sdist: Path, dest: Path, parts: tuple[str, ...] = ()) -> None:
+def extract_llama_cpp(sdist: Path, dest: Path, parts: tuple[str, ...] = ()) -> None:
     """vendor/llama.cpp of the sdist (only `parts` of its top level, if given) into dest."""
     prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
     with tarfile.open(sdist) as tar:
@@ -57,44 +47,10 @@ def fetch_converter(out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_
     """Unpack llama.cpp's converter from the llama-cpp-python sdist into `out_dir`."""
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp, io.atomic_path(out_dir) as staging:
-        sdist = _download_sdist(tmp, version)
-        _extract_llama_cpp(sdist, staging, CONVERTER_PARTS)
+        sdist = download_sdist(tmp, version)
+        extract_llama_cpp(sdist, staging, CONVERTER_PARTS)
         io.write_json(staging / "source.json", {"sdist": sdist.name, "sha256": io.sha256_file(sdist)})
     return out_dir / "convert_hf_to_gguf.py"
-
-
-def build_tool(target: str, out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_PIN,
-               jobs: int = os.cpu_count() or 1) -> Path:
-    """Build one llama.cpp tool (`llama-perplexity`) from the llama.cpp source vendored in the pinned
-    llama-cpp-python sdist: the reference implementation of the revision quantbench runs, its log
-    flushed at exit. CMAKE_ARGS (as for the llama-cpp-python build, e.g. -DGGML_CUDA=on) apply here
-    too. Cached in out_dir."""
-    binary = Path(out_dir) / target
-    if binary.exists():
-        return binary
-    with tempfile.TemporaryDirectory() as tmp:
-        src, build = Path(tmp) / "llama.cpp", Path(tmp) / "build"
-        _extract_llama_cpp(_download_sdist(tmp, version), src)
-        if target in FLUSH_LOG_AT_EXIT:
-            main, ending, flushed = FLUSH_LOG_AT_EXIT[target]
-            source = (src / main).read_text()
-            if source.count(ending) != 1:
-                raise RuntimeError(f"{main}: main's ending changed; update gguf.FLUSH_LOG_AT_EXIT for llama.cpp {version}")
-            (src / main).write_text(source.replace(ending, flushed))
-        options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
-                   "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                   "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
-        search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        cmake, ninja = shutil.which("cmake", path=search), shutil.which("ninja", path=search)
-        if not cmake:
-            raise RuntimeError("building llama.cpp tools needs cmake (pip install cmake)")
-        if ninja:
-            options += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        subprocess.run([cmake, "-S", src, "-B", build, *options], check=True)
-        subprocess.run([cmake, "--build", build, "--target", target, "-j", str(jobs)], check=True)
-        with io.atomic_path(binary) as tmp_binary:
-            shutil.copy2(build / "bin" / target, tmp_binary)
-    return binary
 
 
 def tokenize(gguf_path: str, text: str) -> tuple[list[int], dict]:
@@ -152,21 +108,3 @@ def quantize(src: str, dst: str, gguf_type: str, threads: int) -> dict:
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src} -> {gguf_type}) failed with code {rc}")
     return {"quantize_s": time.perf_counter() - t0, "quantize_threads": threads}
-
-
-def stats(path: str) -> dict:
-    """Size, parameter count and bits per weight from the GGUF's own tensor table."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
-    return {
-        "size_bytes": Path(path).stat().st_size,
-        "n_params": n_params,
-        "bits_per_weight": 8 * n_bytes / n_params,
-        "tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
-    }

@@ -1,7 +1,7 @@
-"""GPTQ, AWQ and RTN checkpoints through GPTQModel (the maintained successor of
-AutoGPTQ and AutoAWQ). RTN uses the same packing and kernels as GPTQ, so the two
-differ only in how the weights were rounded — the baseline the GPTQ and AWQ papers
-compare against.
+"""The gptq, awq and rtn methods' module: packed checkpoints through GPTQModel (the maintained
+successor of AutoGPTQ and AutoAWQ), quantized once and loaded back to be evaluated. RTN uses
+the same packing and kernels as GPTQ, so the two differ only in how the weights were rounded —
+the baseline the GPTQ and AWQ papers compare against.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from . import io
-
-CALIBRATED = {"gptq", "awq"}
 
 
 def quantize_config(method: str, params: dict):
@@ -56,7 +55,7 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
 
     hf_dir, out_dir = str(Path(hf_dir).resolve()), str(Path(out_dir).resolve())
     calibration = None
-    if method in CALIBRATED:
+    if calib_ids:
         samples = np.load(calib_ids)
         calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
     t0 = time.perf_counter()
@@ -78,7 +77,6 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
     }
 
 
-
 def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_dir: str,
                       threads: int) -> dict:
     """quantize() in a child process: GPTQModel's worker threads can turn a caught error into a
@@ -86,7 +84,7 @@ def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | N
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "info.json"
         args = [json.dumps([method, params, hf_dir, calib_ids, out_dir, threads]), str(result)]
-        proc = subprocess.run([sys.executable, "-m", "quantbench.checkpoint", *args], stderr=subprocess.PIPE,
+        proc = subprocess.run([sys.executable, "-m", "quantbench.packed", *args], stderr=subprocess.PIPE,
                               text=True)
         sys.stderr.write(proc.stderr)
         if proc.returncode == 0 and result.is_file():
@@ -94,6 +92,54 @@ def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | N
     # The last "SomethingError: message"; worker threads may glue it to a traceback line ("^^ValueError: ...").
     errors = re.findall(r"\b(\w+(?:Error|Exception): .+)$", proc.stderr, flags=re.MULTILINE)
     raise RuntimeError(errors[-1] if errors else f"quantization exited with code {proc.returncode}")
+
+
+def run(cell: dict, hf_dir: str, calib_ids: str | None, calib_meta: str | None, out_dir: str, info_file: str,
+        threads: int) -> None:
+    """Quantize one cell into out_dir and record how it went in info_file. A failure is recorded, not
+    raised: the cell's evaluation turns it into a failed row."""
+    try:
+        info = {"status": "ok", **quantize_isolated(cell["method"], cell["params"], hf_dir, calib_ids, out_dir,
+                                                    threads)}
+    except Exception as exc:  # noqa: BLE001 - recorded; the evaluation turns it into a failed row
+        traceback.print_exc()
+        info = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if calib_meta:
+        info["calibration"] = io.read_json(calib_meta)
+    io.write_json(info_file, info)
+
+
+def load(method: str, model_dir: str, kernel: str):
+    """A checkpoint loaded back by GPTQModel with `kernel`, and the names of the kernel classes it used."""
+    import torch
+    from gptqmodel import GPTQModel
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    cuda = torch.cuda.is_available()
+    if not cuda and kernel not in ("auto", "torch"):
+        from .backends import Skipped
+
+        raise Skipped(f"GPTQModel's {kernel} kernel needs CUDA, and this machine has none")
+    kwargs = {"backend": backend(method, kernel, cuda)}
+    if not cuda:
+        kwargs["dtype"] = torch.bfloat16
+    model = GPTQModel.load(model_dir, device="cuda" if cuda else "cpu", **kwargs).model
+    used = sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)})
+    return model, ",".join(used) or None
+
+
+def backend(method: str, kernel: str, cuda: bool):
+    """GPTQModel's BACKEND for a kernel name. `auto` on a CPU is the plain torch kernel: GPTQModel's
+    packed-int4 CPU kernels need in_features divisible by the group size, and it has no such limit
+    (it runs in bf16). RTN checkpoints are in GPTQ's format."""
+    from gptqmodel import BACKEND
+
+    if kernel == "auto":
+        return BACKEND.AUTO if cuda else BACKEND.TORCH
+    names = {"gptq": {"torch": "GPTQ_TORCH", "triton": "GPTQ_TRITON", "marlin": "GPTQ_MARLIN", "exllama_v2": "GPTQ_EXLLAMA_V2"},
+             "awq": {"torch": "AWQ_TORCH", "triton": "AWQ_GEMM_TRITON", "marlin": "AWQ_MARLIN", "exllama_v2": "AWQ_EXLLAMA_V2"}}
+    return BACKEND[names["gptq" if method == "rtn" else method][kernel]]
 
 
 if __name__ == "__main__":

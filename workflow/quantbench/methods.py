@@ -1,0 +1,178 @@
+"""The method table: one record per quantization method, the only list of methods there is.
+
+The config schema's method names, the config checks, the workflow's wildcards and rule
+selection, the loaders and the report all read it. Adding a method means one record here,
+one module that quantizes or loads it, and its tests.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class Family(enum.Enum):
+    """What a method makes, and so which workflow steps and which backend a cell of it takes."""
+
+    BASELINE = "baseline"    # the unquantized model, evaluated in transformers
+    GGUF = "gguf"            # a GGUF file from llama.cpp's quantizer, evaluated in llama.cpp
+    PACKED = "packed"        # a packed checkpoint directory, quantized once and loaded back in transformers
+    LOAD_TIME = "load-time"  # quantized while transformers loads the model: nothing on disk
+    # Later families: PREQUANTIZED (an existing artifact evaluated as it is) and FINETUNE (adapters).
+
+
+# What the module of a family's methods provides (`Method.module`), for the workflow and the loaders.
+MODULE_INTERFACE = {
+    Family.GGUF: ("quantize",),                                 # F16 GGUF -> a llama.cpp type
+    Family.PACKED: ("quantize_isolated", "run", "load", "backend"),  # quantize once, save; load back by a kernel
+    Family.LOAD_TIME: ("quantization_config", "require"),       # transformers' config; what the machine needs
+}
+
+
+class Bits(enum.Enum):
+    """How a cell's bits per weight are counted (artifacts.py computes each)."""
+
+    STORED = "bytes of the stored tensors over their parameters"
+    GGUF = "bytes of the GGUF's tensors over their parameters (its tensor-type mix)"
+    PACKED = "bytes of the stored tensors (packed weights, scales, zero points) over the unquantized parameters"
+    IN_MEMORY = "the loaded model's memory footprint over its parameters"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A variant parameter: its type, default and allowed values (`allowed`, or a range check)."""
+
+    type: type
+    default: object
+    allowed: tuple | None = None
+    check: Callable[[object], bool] | None = None
+    meaning: str = ""   # what a value must be, shown when it is refused
+
+    def accepts(self, value) -> bool:
+        if type(value) is not self.type and not (self.type is float and type(value) is int):
+            return False
+        if self.allowed is not None:
+            return value in self.allowed
+        return self.check is None or self.check(value)
+
+    def describe(self) -> str:
+        return self.meaning or f"one of {list(self.allowed)}"
+
+
+def _fraction(value) -> bool:
+    return 0 < value < 1
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: Family
+    summary: str
+    module: str | None                 # quantbench.<module> quantizes or loads it
+    env: str                           # envs/<env>.yaml: the conda env of its jobs
+    params: dict[str, Param] = field(default_factory=dict)
+    bits: Callable[[dict], float] = lambda params: params["bits"]  # nominal bit width of a variant
+    counted: Bits = Bits.STORED
+    name_param: str | None = None      # a bare variant name is this parameter's value (gguf: the type)
+    calibrated: bool = False           # needs calibration tokens
+    cuda_only: str = ""                # why it runs only on CUDA: elsewhere its rows are 'skipped'
+    kernels: tuple[str, ...] = ()      # the kernels `methods.<m>.kernel` may pick to evaluate it
+    # What it needs of a model's architecture: (model name, widths, variants) -> an error or None.
+    architecture: Callable[[str, dict, list], tuple[str, str] | None] | None = None
+
+    def variant_params(self, variant) -> dict:
+        """A variant's parameters, the method's defaults filled in."""
+        if isinstance(variant, str):
+            given = {self.name_param: variant} if self.name_param else {}
+        else:
+            given = {k: v for k, v in variant.items() if k != "name"}
+            if self.name_param and self.name_param not in given:
+                given[self.name_param] = variant["name"]
+        return {name: given.get(name, p.default) for name, p in self.params.items()}
+
+
+def variant_name(variant) -> str:
+    return variant if isinstance(variant, str) else variant["name"]
+
+
+# llama.cpp quantization types (name -> bits, for sorting and the claims tables).
+GGUF_TYPES = {
+    "Q2_K": 2, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3, "Q4_0": 4, "Q4_1": 4,
+    "Q4_K_S": 4, "Q4_K_M": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5,
+    "Q6_K": 6, "Q8_0": 8, "F16": 16, "BF16": 16,
+}
+K_QUANT_BLOCK = 256  # k-quants need rows divisible by this, or llama.cpp falls back silently
+GROUPS = (-1, 32, 64, 128)
+KERNELS = ("auto", "torch", "triton", "marlin", "exllama_v2")  # GPTQModel's kernels, by the config's names
+
+
+def _k_quant_rows(model: str, widths: dict, variants: list):
+    """A k-quant block spans 256 weights of a row; llama.cpp quietly stores rows of another length in
+    a legacy type. Where no matrix fits, the cell would not be the k-quant it is named."""
+    k_quants = [variant_name(v) for v in variants if "_K" in GGUF.variant_params(v)["type"]]
+    if k_quants and widths and all(w % K_QUANT_BLOCK for w in widths.values()):
+        shown = " and ".join(f"{k} {w}" for k, w in widths.items())
+        return ("methods.gguf.variants",
+                f"{k_quants} need rows divisible by {K_QUANT_BLOCK}, but model '{model}' has {shown}: llama.cpp "
+                "would store every matrix in a fallback type. Use Q4_0/Q5_0/Q8_0, or restrict methods.gguf.models")
+    return None
+
+
+def _awq_groups(model: str, widths: dict, variants: list):
+    """AWQ packs whole groups along each input row."""
+    for i, variant in enumerate(variants):
+        group = AWQ.variant_params(variant)["group_size"]
+        if any(w % group for w in widths.values()):
+            return (f"methods.awq.variants[{i}].group_size",
+                    f"AWQ needs every input width divisible by the group size; model '{model}' has widths "
+                    f"{sorted(set(widths.values()))}, not multiples of {group}")
+    return None
+
+
+BASELINE = Method(
+    "baseline", Family.BASELINE, "the unquantized model (FP16/BF16 on CUDA, FP32 on a CPU)",
+    module=None, env="torch", bits=lambda params: 16)
+GGUF = Method(
+    "gguf", Family.GGUF, "llama.cpp quantization types, from one F16 GGUF per model",
+    module="llamacpp", env="llamacpp", counted=Bits.GGUF, name_param="type",
+    params={"type": Param(str, None, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}")},
+    bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows)
+GPTQ = Method(
+    "gptq", Family.PACKED, "GPTQ through GPTQModel", module="packed", env="gptqmodel", counted=Bits.PACKED,
+    calibrated=True, kernels=KERNELS,
+    params={"bits": Param(int, 4, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
+            "desc_act": Param(bool, False, (False, True)), "sym": Param(bool, True, (False, True)),
+            "damp": Param(float, 0.01, check=_fraction, meaning="a number in (0, 1)")})
+AWQ = Method(
+    "awq", Family.PACKED, "AWQ through GPTQModel (4-bit GEMM with zero points)", module="packed", env="gptqmodel",
+    counted=Bits.PACKED, calibrated=True, kernels=KERNELS, architecture=_awq_groups,
+    params={"bits": Param(int, 4, (4,)), "group_size": Param(int, 128, (64, 128)),
+            "zero_point": Param(bool, True, (False, True))})
+RTN = Method(
+    "rtn", Family.PACKED, "round-to-nearest in GPTQ's packing: the baseline GPTQ and AWQ must beat",
+    module="packed", env="gptqmodel", counted=Bits.PACKED, kernels=KERNELS,
+    params={"bits": Param(int, 4, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
+            "sym": Param(bool, True, (False, True))})
+BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
+BNB = Method(
+    "bnb", Family.LOAD_TIME, "bitsandbytes, quantized while loading", module="bnb", env="torch",
+    counted=Bits.IN_MEMORY, bits=lambda params: BNB_BITS[params["mode"]],
+    params={"mode": Param(str, "nf4", tuple(BNB_BITS)),
+            "threshold": Param(float, 6.0, check=_positive, meaning="a positive number"),
+            "double_quant": Param(bool, False, (False, True)),
+            "compute_dtype": Param(str, "float32", ("float16", "bfloat16", "float32"))})
+EETQ = Method(
+    "eetq", Family.LOAD_TIME, "EETQ int8, quantized while loading (CUDA only)", module="eetq", env="torch",
+    counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8)
+
+METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ)}
+CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family is not Family.BASELINE)
+BASELINE_VARIANT = "fp16"
+
+
+def of_family(family: Family) -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.family is family)

@@ -1,0 +1,54 @@
+"""Where everything lives: the one home of the workflow's paths and log names.
+
+Each path is a pattern with Snakemake wildcards ({model}, {method}, {variant}); rules use the
+patterns, Python fills them with `.format(...)`. Relative to the workflow's working directory.
+"""
+from __future__ import annotations
+
+RESULTS = "results"
+RESOURCES = "resources"
+
+# Shared inputs, fetched once
+MODEL_DIR = f"{RESOURCES}/models/{{model}}/hf"          # every model as a Hugging Face directory
+DOWNLOAD_CACHE = f"{RESOURCES}/cache"
+TEXT_CACHE = f"{RESOURCES}/data/{{dataset}}/test_rows.json"
+TOOLS = f"{RESOURCES}/tools"
+
+# Once per model
+EVAL_TOKENS = f"{RESULTS}/{{model}}/data/eval_tokens.npy"
+EVAL_TOKENS_META = f"{RESULTS}/{{model}}/data/eval_tokens.json"
+CALIB_TOKENS = f"{RESULTS}/{{model}}/data/calib_tokens.npy"
+CALIB_TOKENS_META = f"{RESULTS}/{{model}}/data/calib_tokens.json"
+F16_GGUF = f"{RESULTS}/{{model}}/gguf/F16.gguf"
+
+# One directory per cell: its artifact, what quantizing it recorded, its metrics
+CELL = f"{RESULTS}/{{model}}/{{method}}/{{variant}}"
+GGUF_FILE = f"{CELL}/model.gguf"
+PACKED_DIR = f"{CELL}/model"
+QUANTIZE_INFO = f"{CELL}/quantize.json"
+METRICS = f"{CELL}/metrics.json"
+# The baseline's next-token distributions, stored once per model; every other cell's KL reads them.
+DISTRIBUTIONS = f"{RESULTS}/{{model}}/baseline/fp16/distributions.npz"
+
+REPORT_DIR = f"{RESULTS}/report"
+
+# Logs and benchmarks: results/{logs,benchmarks}/<step>/<what the job is for>.{log,tsv}
+PER_MODEL = "{model}"
+PER_CELL = "{model}/{method}/{variant}"
+
+
+def log(step: str, key: str = "") -> str:
+    return f"{RESULTS}/logs/{step}/{key or step}.log"
+
+
+def benchmark(step: str, key: str = "") -> str:
+    return f"{RESULTS}/benchmarks/{step}/{key or step}.tsv"
+
+
+def cell(pattern: str, model: str, method: str, variant: str) -> str:
+    return pattern.format(model=model, method=method, variant=variant)
+
+
+def baseline(pattern: str) -> str:
+    """A per-cell pattern for the baseline cell of {model}."""
+    return pattern.replace("{method}", "baseline").replace("{variant}", "fp16")
