@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import upstream  # noqa: E402
 
-from quantbench import textdata  # noqa: E402
+from quantbench import paths, textdata  # noqa: E402
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -83,16 +83,17 @@ def main() -> None:
     ap.add_argument("--tool-cache", default=str(upstream.CACHE))
     a = ap.parse_args()
 
-    hf_dir = ROOT / "resources" / "models" / a.model / "hf"
-    q4 = ROOT / "results" / a.model / "gguf" / "Q4_K_M" / "model.gguf"
-    for needed in (hf_dir, q4, textdata.cache_file(str(ROOT / "resources"))):
+    hf_dir = ROOT / paths.MODEL_DIR.format(model=a.model)
+    q4 = ROOT / paths.cell(paths.GGUF_FILE, a.model, "gguf", "Q4_K_M")
+    resources = str(ROOT / paths.RESOURCES)
+    for needed in (hf_dir, q4, textdata.cache_file(resources)):
         if not needed.exists():
             sys.exit(f"{needed} is missing: run the default workflow first (README)")
     tool = upstream.build_tool("llama-perplexity", a.tool_cache)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        raw = textdata.describe_text({"dataset": textdata.WIKITEXT}, str(ROOT / "resources"), "llamacpp")
+        raw = textdata.describe_text({"dataset": textdata.WIKITEXT}, resources, "llamacpp")
         raw_file = work / "wiki.test.raw"
         raw_file.write_text(textdata.load_text(raw) + "\n", encoding="utf-8")  # wiki.test.raw itself
         spec = {"protocol": "llamacpp", "context": 512, "max_windows": a.chunks, "tokens": "gguf"}
@@ -104,7 +105,7 @@ def main() -> None:
                        a.threads),
             lambda out: float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1)), work, a.repeats))
 
-        joined = textdata.load_text(textdata.describe_text({"dataset": textdata.WIKITEXT}, str(ROOT / "resources")))
+        joined = textdata.load_text(textdata.describe_text({"dataset": textdata.WIKITEXT}, resources))
         text_file = work / "wikitext-prefix.txt"
         text_file.write_text(joined[:a.loop_chars], encoding="utf-8")
         spec = {"protocol": "sliding-seed", "context": 2048, "stride": 512}

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -30,6 +33,10 @@ def test_lint_is_clean():
     run = snakemake(REPO, "--lint")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Lints for" not in run.stdout + run.stderr, run.stdout + run.stderr
+    bin_dir = Path(sys.executable).parent
+    for cmd in ([bin_dir / "ruff", "check", "."], [bin_dir / "snakefmt", "--check", "Snakefile", "workflow/rules"]):
+        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_a_bad_config_stops_before_any_job_and_keeps_results(tmp_path):

@@ -11,7 +11,14 @@ RESOURCES = "resources"
 # Shared inputs, fetched once
 MODEL_DIR = f"{RESOURCES}/models/{{model}}/hf"          # every model as a Hugging Face directory
 DOWNLOAD_CACHE = f"{RESOURCES}/cache"
-TEXT_CACHE = f"{RESOURCES}/data/{{dataset}}/test_rows.json"
+
+
+def text_cache(dataset: str, resources: str = RESOURCES) -> str:
+    """A dataset's cached test rows (resources/ may be another root: an import, a test)."""
+    return f"{resources}/data/{dataset}/test_rows.json"
+
+
+TEXT_CACHE = text_cache("{dataset}")
 TOOLS = f"{RESOURCES}/tools"
 
 # Once per model
@@ -47,6 +54,11 @@ def benchmark(step: str, key: str = "") -> str:
 
 def cell(pattern: str, model: str, method: str, variant: str) -> str:
     return pattern.format(model=model, method=method, variant=variant)
+
+
+def cell_name(metrics: str) -> str:
+    """'{method}/{variant}' of a cell's metrics pattern (its label in `snakemake --report`)."""
+    return metrics.removeprefix(f"{RESULTS}/{{model}}/").removesuffix("/metrics.json")
 
 
 def baseline(pattern: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from . import calibration, paths, textdata
+from . import calibration, paths, published, textdata
 from .config import cells, find_cell
 from .methods import METHODS, Family, of_family
 
@@ -63,6 +63,15 @@ class Plan:
         return self.config["methods"][wildcards.method].get("kernel", "auto")
 
     # Job inputs
+
+    @property
+    def tokenizer_env(self) -> str:
+        return "../../envs/llamacpp.yaml" if self.config["eval"]["tokens"] == "gguf" else "../../envs/torch.yaml"
+
+    @property
+    def references(self) -> list[str]:
+        """The published numbers to set beside the cells: the config's files, else every shipped one."""
+        return self.config["report"].get("references") or published.shipped()
 
     def tokenizer_inputs(self, wildcards) -> dict:
         if self.config["eval"]["tokens"] == "gguf":  # llama.cpp's tokenizer, from the converted GGUF's vocabulary

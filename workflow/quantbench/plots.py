@@ -77,7 +77,8 @@ def quality(df: pd.DataFrame, path: Path) -> None:
             ax, points = axes[r][c], cells.dropna(subset=[metric])
             if metric == "kl_mean":
                 points = points[points["method"] != BASELINE.name]  # zero by definition: off a log axis
-            for method, group in points.groupby("method", sort=False):
+            for method in [m for m in METHODS if m in set(points["method"])]:  # legend in the table's order
+                group = points[points["method"] == method]
                 ax.scatter(group["bits_per_weight"], group[metric], color=color(method), s=36,
                            label="FP16" if method == BASELINE.name else method)
             front = pareto_front(points, "bits_per_weight", metric)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import io, paths
 
 WIKITEXT = "wikitext-2-raw-v1"
 WIKITEXT_ROWS_SHA256 = "5c8877eeabb3b8afc09f8ec35194fdac8c55acaa25de738d27000876d7c73e4c"
@@ -22,7 +22,7 @@ class TextUnavailable(RuntimeError):
 
 
 def cache_file(resources: str, dataset: str = WIKITEXT) -> Path:
-    return Path(resources) / "data" / dataset / "test_rows.json"
+    return Path(paths.text_cache(dataset, resources))
 
 
 def describe_text(spec: dict, resources: str, protocol: str = "gptq") -> dict:

@@ -10,5 +10,5 @@ def cell_report(path):
         path,
         category="Cells",
         subcategory="{model}",
-        labels={"cell": path.removeprefix(f"{paths.RESULTS}/{{model}}/").removesuffix("/metrics.json")},
+        labels={"cell": paths.cell_name(path)},
     )

@@ -28,7 +28,7 @@ rule tokenize_eval_text:
     benchmark:
         paths.benchmark("tokenize", paths.PER_MODEL)
     conda:
-        "../../envs/llamacpp.yaml" if config["eval"]["tokens"] == "gguf" else "../../envs/torch.yaml"
+        PLAN.tokenizer_env
     threads: 1
     resources:
         gpu=0,

@@ -1,12 +1,8 @@
-REPORT = config["report"]
-REFERENCES = REPORT.get("references") or published.shipped()
-
-
 rule report:
     """Every cell's metrics.json -> results/report/: summary.csv, summary.md, report.html and the plots."""
     input:
         metrics=PLAN.metrics(),
-        references=REFERENCES,
+        references=PLAN.references,
     output:
         csv=report(f"{paths.REPORT_DIR}/summary.csv", category="Summary", labels={"file": "table (CSV)"}),
         md=report(f"{paths.REPORT_DIR}/summary.md", category="Summary", labels={"file": "report (Markdown)"}),
@@ -28,8 +24,8 @@ rule report:
         runtime=60,
     params:
         models=PLAN.models_settings,
-        tolerance=REPORT["tolerance_pct"],
-        budget=REPORT["quality_budget_pct"],
+        tolerance=config["report"]["tolerance_pct"],
+        budget=config["report"]["quality_budget_pct"],
     shell:
         "python -m quantbench report --models {params.models:q} --out-dir $(dirname {output.csv}) "
         "--references {input.references:q} --tolerance-pct {params.tolerance} --quality-budget-pct {params.budget} "
