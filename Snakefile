@@ -20,6 +20,7 @@ if not workflow.overwrite_configfiles:
     configfile: str(Path(workflow.basedir) / "config.yaml")
 
 
+qbconfig.check_files(workflow.overwrite_configfiles or [Path(workflow.basedir) / "config.yaml"])  # keys given twice
 qbconfig.validate(config)  # schema + cross-field checks, before any job
 PLAN = Plan(config)
 # Jobs run `python -m quantbench STAGE` with the package on PYTHONPATH, in the rule's conda env

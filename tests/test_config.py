@@ -8,7 +8,6 @@ import re
 import pytest
 import yaml
 from conftest import REPO
-from snakemake.exceptions import WorkflowError
 
 from quantbench import config as qc
 
@@ -55,22 +54,25 @@ def _hf(**extra):
     return {"source": "hf", "repo": "org/name", "revision": SHA, **extra}
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["models"].update(x={"source": "hf", "repo": "org/name"}), "'revision' is a required property"),
-    (lambda c: c["models"].update(x=_hf(revision="main")), "does not match"),
-    (lambda c: c["models"].update(x={"source": "nowhere"}), "'nowhere' is not one of"),
-    (lambda c: c["models"]["smollm2-135m"].update(path="/x.gguf"), "smollm2-135m"),
-    (lambda c: c["methods"].update(foo={"variants": ["a"]}), "'foo' is not one of"),
-    (lambda c: c["eval"].update(protocol="lm-eval"), "'lm-eval' is not one of"),
-    (lambda c: c["methods"]["gptq"].update(kernel="exllama"), "'exllama' is not one of"),
-    (lambda c: c["eval"].update(context=8), "8 is less than the minimum"),
-    (lambda c: c.update(extra=1), "Additional properties are not allowed ('extra'"),
+@pytest.mark.parametrize("mutate, key, message", [
+    (lambda c: c["models"].update(x={"source": "hf", "repo": "org/name"}), "models.x", "'revision' is a required property"),
+    (lambda c: c["models"].update(x=_hf(revision="main")), "models.x.revision", "does not match"),
+    (lambda c: c["models"].update(x={"source": "nowhere"}), "models.x.source", "'nowhere' is not one of"),
+    (lambda c: c["models"]["smollm2-135m"].update(path="/x.gguf"), "models.smollm2-135m", "a path or a wheel member, not both"),
+    (lambda c: c["methods"].update(foo={"variants": ["a"]}), "methods", "'foo' is not one of"),
+    (lambda c: c["eval"].update(protocol="lm-eval"), "eval.protocol", "'lm-eval' is not one of"),
+    (lambda c: c["methods"]["gptq"].update(kernel="exllama"), "methods.gptq.kernel", "'exllama' is not one of"),
+    (lambda c: c["eval"].update(context=8), "eval.context", "8 is less than the minimum"),
+    (lambda c: c.update(extra=1), "(top level)", "Additional properties are not allowed ('extra'"),
+    (lambda c: c["methods"]["gptq"]["variants"].append(5), "methods.gptq.variants[2]",
+     "it takes none of the forms it may take: 5 is not of type 'string'; or 5 is not of type 'object'"),
 ])
-def test_schema_rejects(mutate, message):
+def test_schema_rejects_naming_the_key(mutate, key, message):
     cfg = fresh()
     mutate(cfg)
-    with pytest.raises(WorkflowError, match="Error validating config") as err:
+    with pytest.raises(qc.ConfigError) as err:
         qc.validate(cfg)
+    assert err.value.key == key
     assert message in str(err.value)
 
 
@@ -84,7 +86,7 @@ def test_schema_rejects(mutate, message):
      "methods.gguf.variants[6].imatrix", "gguf has no parameter 'imatrix'; it takes ['type']"),
     (lambda c: c["methods"]["gptq"]["variants"].append({"name": "x", "bits": 5}),
      "methods.gptq.variants[2].bits", "gptq does not support bits=5; use one of [2, 3, 4, 8]"),
-    (lambda c: c["methods"]["bnb"]["variants"].append({"name": "x", "threshold": -1}),
+    (lambda c: c["methods"]["bnb"]["variants"].append({"name": "int4", "mode": "int8", "threshold": -1}),
      "methods.bnb.variants[2].threshold", "use a positive number"),
     (lambda c: c["eval"].update(text={"text_file": "/no/such.txt"}), "eval.text.text_file", "does not exist"),
     (lambda c: c["eval"].update(protocol="llamacpp", context=511), "eval.context", "even context"),
@@ -173,10 +175,10 @@ def test_the_method_table_is_the_only_list_of_methods(tmp_path):
     # Rule selection: each method's cells are evaluated by the rule of its family, read from the table.
     text = tmp_path / "eval.txt"
     text.write_text("text\n")
-    variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": [{"name": "int8", "mode": "int8"}]}
+    variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": ["int8"]}
     cfg = write_config(tmp_path, {
         "models": {"m": {"source": "hf", "repo": "org/name", "revision": SHA}},
-        "methods": {m: {"variants": variants.get(m, [{"name": "w4"}])} for m in methods.CONFIGURABLE},
+        "methods": {m: {"variants": variants.get(m, ["w4g128"])} for m in methods.CONFIGURABLE},
         "eval": {"text": {"text_file": str(text)}},
     })
     run = snakemake(tmp_path, "-n", config=cfg)

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, snakemake, write_config
 
 from quantbench import config as qbconfig
-from quantbench import published
+from quantbench import published, summary
 
 OPT = {"source": "hf", "repo": "facebook/opt-125m", "revision": "27dcfa74d334bc871f3234de431e71c6eeba5dd6"}
 PROTOCOL = {"name": "gptq", "follows": "GPTQ repository llama_eval", "context": 2048, "stride": 2048,
@@ -102,9 +102,32 @@ def test_starting_tables_and_guide_come_from_the_cells(report_run):
     assert re.search(r"EETQ .*not measured \(skipped: EETQ's int8 kernels need CUDA", methods)
     assert re.search(r"GPTQ .*disagrees: ΔPPL \+12\.6% is beyond 'low'", methods)
     guide = md.split("## Selection guide")[1]
-    cpu = next(line for line in guide.splitlines() if line.startswith("| CPU"))
+    cpu = next(line for line in guide.splitlines() if "| CPU" in line)
     assert "opt-125m gguf Q4_K_M" in cpu and "agrees" in cpu  # the only cell within the 10% budget
     assert "no cell ran on a GPU in this run" in guide
+
+
+def test_the_guide_and_the_protocol_note_speak_per_model():
+    """Two models, each with its own token stream: the guide never picks one model's cell for the other,
+    and each model's protocol and tokenizer are stated."""
+    from quantbench import guide, report
+
+    def cell(model, method, variant, ppl, bpw, tokenizer):
+        return {"model": model, "method": method, "variant": variant, "status": "ok", "ppl": ppl,
+                "bits_per_weight": bpw, "size_bytes": bpw * 1e6, "kl_mean": 0.01, "device": "cpu", "bits": 4,
+                "eval_tokens_per_s": 100.0, "peak_rss_mb": 100.0, "protocol_name": "gptq", "protocol_context": 2048,
+                "protocol_tokenizer": tokenizer, "protocol_n_windows": 3, "protocol_text_sha256": "ab" * 32}
+
+    df = summary.summarize(pd.DataFrame([
+        cell("big", "baseline", "fp16", 10.0, 16, "hf:Big"), cell("big", "gguf", "Q4_K_M", 10.5, 4.9, "hf:Big"),
+        cell("small", "baseline", "fp16", 30.0, 16, "hf:Small"), cell("small", "gguf", "Q2_K", 31.0, 2.6, "hf:Small"),
+        cell("small", "gguf", "Q4_K_M", 30.3, 4.9, "hf:Small")]))
+    picks = {(e["model"], e["scenario"]): e["best"] for e in guide.selection_guide(df, 10.0)}
+    assert picks[("big", "CPU / low memory")] == "big gguf Q4_K_M"  # small's Q2_K is smaller, but another model's
+    assert picks[("small", "CPU / low memory")] == "small gguf Q2_K"
+    notes = report._protocol_note(df)
+    assert any(n.startswith("**big**: protocol `gptq`") and "hf:Big" in n for n in notes)
+    assert any(n.startswith("**small**: protocol `gptq`") and "hf:Small" in n for n in notes)
 
 
 def test_html_is_self_contained_with_plots_and_badges(report_run):

@@ -148,3 +148,33 @@ def test_editing_a_note_reruns_only_the_report(tiny_run):
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, flags=re.MULTILINE)
     assert jobs and set(jobs) <= {"report", "all"}, jobs
+
+
+def test_a_model_with_its_own_code_runs_when_trusted(tmp_path, tiny):
+    """A model whose config.json maps to its own modeling code (auto_map) is refused until the config
+    trusts it, and then every loader of it (tokenizer, baseline, bitsandbytes) runs that code."""
+    import shutil
+
+    model = tmp_path / "own-code"
+    shutil.copytree(tiny["hf"], model)
+    (model / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny-own-code'\n")
+    (model / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n    RAN_OWN_CODE = True\n")
+    config = json.loads((model / "config.json").read_text())
+    config |= {"model_type": "tiny-own-code", "architectures": ["TinyForCausalLM"],
+               "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}
+    (model / "config.json").write_text(json.dumps(config))
+    spec = {"models": {"own": {"source": "path", "path": str(model)}},
+            "methods": {"bnb": {"variants": ["nf4"]}},
+            "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4}}
+    run = snakemake(tmp_path, config=write_config(tmp_path, spec))
+    assert run.returncode != 0 and "config key 'models.own.trust_remote_code'" in run.stderr
+    spec["models"]["own"]["trust_remote_code"] = True
+    run = snakemake(tmp_path, config=write_config(tmp_path, spec))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index("method")
+    assert (df["status"] == "ok").all(), df["error"].to_dict()
+    assert df.loc["bnb", "kl_mean"] > 0

@@ -71,6 +71,17 @@ def _quantize_packed(a):
     packed.run(json.loads(a.cell), a.hf, a.calib, a.calib_meta, a.out, a.info, a.threads)
 
 
+def _check_config(a):
+    from . import config
+
+    for file in a.files:
+        try:
+            config.load(file)
+        except config.ConfigError as exc:
+            sys.exit(f"{file}: {exc}")
+        print(f"{file}: valid")
+
+
 def _report(a):
     from . import report
 
@@ -157,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--info", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_quantize_packed)
+
+    p = sub.add_parser("check-config", help="validate config files as the workflow does (YAML errors with their line)")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_check_config)
 
     p = sub.add_parser("report", help="aggregate metrics.json files into the report (CSV, Markdown, HTML, plots)")
     p.add_argument("--models", required=True, help="the config's models section, as JSON")

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths, protocols
-from .methods import BASELINE, BASELINE_VARIANT, METHODS, Method, variant_name
+from . import architecture, paths, protocols
+from .methods import BASELINE, BASELINE_VARIANT, METHODS, Method, VariantError, variant_name
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -47,24 +47,80 @@ class Cell:
                 "group_size": self.params.get("group_size"), "params": self.params}
 
 
+def check_files(files: list) -> None:
+    """Each config file read as YAML again, strictly: a syntax error with its line, a key given twice
+    (which YAML readers silently collapse to the last) refused with both lines."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(str(key), f"{loader.name}, line {line}: '{key}' is given twice (first on line "
+                                  f"{lines[key]}); YAML would keep only the last")
+            lines[key] = line
+        return loader.construct_mapping(node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            try:
+                yaml.load(f, Loader=Strict)
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                raise ConfigError("(file)", f"{file}, line {mark.line + 1}, column {mark.column + 1}: {exc.problem}") from exc
+
+
+def load(file) -> dict:
+    """A config file, read strictly and validated, as `quantbench check-config` does it."""
+    import yaml
+
+    check_files([file])
+    with open(file, encoding="utf-8") as f:
+        return validate(yaml.safe_load(f))
+
+
 def validate(config: dict) -> dict:
     """Schema (with defaults filled in) plus cross-field checks; returns config."""
     from snakemake.utils import validate as schema_validate
 
-    schema_validate(config, str(SCHEMA), set_default=True)
+    check_schema(config)
+    schema_validate(config, str(SCHEMA), set_default=True)  # fills in the schema's defaults
     check(config)
     return config
+
+
+def _dotted(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def check_schema(config: dict) -> None:
+    """The schema's verdict as a ConfigError naming the key; where a value may take one of several
+    forms (oneOf), why each form refuses it."""
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return
+    key = _dotted(error.absolute_path) or "(top level)"
+    message = error.message
+    if error.validator in ("oneOf", "anyOf"):  # say why each form refuses it, not the whole value again
+        reasons = dict.fromkeys(e.message for e in error.context)
+        message = "it takes none of the forms it may take: " + "; or ".join(reasons)
+    raise ConfigError(key, message)
 
 
 def check(config: dict) -> None:
     models = config["models"]
     for name, model in models.items():
-        if model["source"] == "path":
-            hf_dir = Path(model["path"]).expanduser()
-            if not (hf_dir / "config.json").is_file():
-                raise ConfigError(f"models.{name}.path", f"{hf_dir} holds no config.json (need a Hugging Face model directory)")
-        if model["source"] == "gguf" and "path" in model and not Path(model["path"]).expanduser().is_file():
-            raise ConfigError(f"models.{name}.path", f"GGUF file {model['path']} does not exist")
+        _check_model(name, model, config)
     for name, spec in config["methods"].items():
         method = METHODS[name]
         if "kernel" in spec and spec["kernel"] not in method.kernels:
@@ -73,6 +129,8 @@ def check(config: dict) -> None:
         for i, model in enumerate(spec.get("models", [])):
             if model not in models:
                 raise ConfigError(f"methods.{name}.models[{i}]", f"unknown model '{model}'; models are {sorted(models)}")
+            if model in spec["models"][:i]:
+                raise ConfigError(f"methods.{name}.models[{i}]", f"model '{model}' is listed twice")
         seen = set()
         for i, variant in enumerate(spec["variants"]):
             key = f"methods.{name}.variants[{i}]"
@@ -83,15 +141,22 @@ def check(config: dict) -> None:
         if method.architecture:
             for model in spec.get("models") or models:
                 _check_architecture(config["models"][model], model, method, spec["variants"])
+    gguf_models = config["methods"].get("gguf", {}).get("models")
+    if config["eval"].get("tokens") == "gguf" and gguf_models:
+        left_out = [m for m in models if m not in gguf_models]
+        if left_out:
+            raise ConfigError("eval.tokens", f"tokens: gguf tokenizes every model with llama.cpp from its converted "
+                              f"GGUF, but methods.gguf.models leaves out {left_out}: add them there or use tokens: hf")
     calibration = config.get("calibration", {})
     if calibration.get("source") == "text_file":
         if "text_file" not in calibration:
             raise ConfigError("calibration.text_file", "calibration.source is text_file but no text_file is given")
-        if not Path(calibration["text_file"]).expanduser().is_file():
-            raise ConfigError("calibration.text_file", f"{calibration['text_file']} does not exist")
+        _check_text_file("calibration.text_file", calibration["text_file"])
     text = config["eval"]["text"]
-    if "text_file" in text and not Path(text["text_file"]).expanduser().is_file():
-        raise ConfigError("eval.text.text_file", f"{text['text_file']} does not exist")
+    if {"dataset", "text_file"} <= set(text):
+        raise ConfigError("eval.text", "the evaluation text is a dataset or a text_file, not both")
+    if "text_file" in text:
+        _check_text_file("eval.text.text_file", text["text_file"])
     try:
         config["eval"] = protocols.resolve(config["eval"])  # every job sees the same filled-in numbers
     except protocols.SpecError as exc:
@@ -99,12 +164,59 @@ def check(config: dict) -> None:
     _check_references(config.get("report", {}).get("references", []))
 
 
+def _check_model(name: str, model: dict, config: dict) -> None:
+    """What can be known of a model before it is downloaded: its local files."""
+    key = f"models.{name}"
+    if model["source"] == "gguf" and {"path", "wheel"} <= set(model):
+        raise ConfigError(key, "a gguf source is a path or a wheel member, not both")
+    if model["source"] == "gguf" and "path" in model:
+        path = Path(model["path"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}.path", f"GGUF file {model['path']} does not exist")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ConfigError(f"{key}.path", f"{model['path']} is not a GGUF file (it does not start with 'GGUF')")
+    if model["source"] != "path":
+        return
+    hf_dir = Path(model["path"]).expanduser()
+    if not (hf_dir / "config.json").is_file():
+        raise ConfigError(f"{key}.path", f"{hf_dir} holds no config.json (need a Hugging Face model directory)")
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}.path", f"{hf_dir / 'config.json'} is not valid JSON: {exc}") from exc
+    if architecture.needs_own_code(hf_config) and not model.get("trust_remote_code"):
+        raise ConfigError(f"{key}.trust_remote_code", f"{hf_dir / 'config.json'} has auto_map: the model runs its own "
+                          "code; set trust_remote_code: true only if you trust it")
+    positions = architecture.max_positions(hf_config)
+    context = config["eval"].get("context") or protocols.DEFAULT_CONTEXT.get(config["eval"]["protocol"])
+    if positions and context and context > positions[1]:
+        raise ConfigError("eval.context", f"windows of {context} tokens are longer than model '{name}' can attend to "
+                          f"({positions[0]} = {positions[1]}); set eval.context to at most {positions[1]}")
+
+
+def _check_text_file(key: str, path: str) -> None:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(key, f"{path} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, f"{path} is not UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise ConfigError(key, f"{path} is empty")
+
+
 def _check_variant(method: Method, key: str, variant) -> None:
     given = {} if isinstance(variant, str) else {k: v for k, v in variant.items() if k != "name"}
     for name in given:
         if name not in method.params:
             raise ConfigError(f"{key}.{name}", f"{method.name} has no parameter '{name}'; it takes {sorted(method.params)}")
-    for name, value in method.variant_params(variant).items():
+    try:
+        params = method.variant_params(variant)
+    except VariantError as exc:
+        raise ConfigError(key + exc.key, str(exc)) from exc
+    for name, value in params.items():
         param = method.params[name]
         if not param.accepts(value):
             where = f"{key}.{name}" if name in given else key
@@ -116,7 +228,7 @@ def _check_architecture(spec: dict, model: str, method: Method, variants: list) 
     if spec["source"] != "path":
         return  # checked again by the job itself once the model is downloaded
     hf_config = json.loads((Path(spec["path"]).expanduser() / "config.json").read_text())
-    widths = {k: hf_config[k] for k in ("hidden_size", "intermediate_size") if hf_config.get(k)}
+    widths = architecture.widths(hf_config)
     problem = method.architecture(model, widths, variants)
     if problem:
         raise ConfigError(*problem)

@@ -18,6 +18,7 @@ from .distributions import Distributions, Recorder
 from .methods import METHODS, Bits
 from .protocols import Protocol
 from .scoring import distances, score
+from .sources import trusts_remote_code
 
 VERSIONS = ("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "bitsandbytes")
 
@@ -45,7 +46,8 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
         if baseline is not None and baseline.targets.size == 0:
             baseline = None
             record["kl_error"] = "the FP16 baseline did not run, so there are no distributions to compare with"
-        backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel)
+        trust = trusts_remote_code(base_dir or artifact)  # a packed checkpoint runs its base model's code
+        backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust)
         recorder = Recorder(backend.model) if write_distributions else None
         record |= score(backend, tokens, wins, protocol, eval_spec.get("batch_size", 1),
                         meta["tokenizer"]["bos_token_id"], baseline, recorder, threads)

@@ -9,6 +9,13 @@ from .summary import label, ok, peak_mb, weight_bytes
 
 
 def selection_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
+    """The guide of each model: its cells are ranked among themselves only (each model scored its own
+    token stream, against its own FP16 baseline)."""
+    return [{"model": model, **entry} for model, cells in df.groupby("model", sort=True)
+            for entry in _model_guide(cells, budget_pct)]
+
+
+def _model_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
     """For each usual scenario: the best measured cell, the numbers that decided it, and whether it
     agrees with the usual advice. Cells beyond the quality budget (ΔPPL %) are not candidates."""
     quantized = ok(df[df["method"] != BASELINE.name]).dropna(subset=["delta_ppl_pct"])

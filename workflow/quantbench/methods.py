@@ -7,6 +7,7 @@ one module that quantizes or loads it, and its tests.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ class Bits(enum.Enum):
     GGUF = "bytes of the GGUF's tensors over their parameters (its tensor-type mix)"
     PACKED = "bytes of the stored tensors (packed weights, scales, zero points) over the unquantized parameters"
     IN_MEMORY = "the loaded model's memory footprint over its parameters"
+
+
+REQUIRED = object()  # a parameter with no default: the variant's name or keys must say it
 
 
 @dataclass(frozen=True)
@@ -77,22 +81,51 @@ class Method:
     params: dict[str, Param] = field(default_factory=dict)
     bits: Callable[[dict], float] = lambda params: params["bits"]  # nominal bit width of a variant
     counted: Bits = Bits.STORED
-    name_param: str | None = None      # a bare variant name is this parameter's value (gguf: the type)
+    # The parameters a variant's name fixes (gguf "Q4_K_M": its type; gptq "w4g128": bits and group), or
+    # None where the name is no shorthand. Only a name that fixes parameters may stand alone.
+    shorthand: Callable[[str], dict | None] = lambda name: None
     calibrated: bool = False           # needs calibration tokens
+    example: str = ""                  # a shorthand name, for messages
     cuda_only: str = ""                # why it runs only on CUDA: elsewhere its rows are 'skipped'
     kernels: tuple[str, ...] = ()      # the kernels `methods.<m>.kernel` may pick to evaluate it
     # What it needs of a model's architecture: (model name, widths, variants) -> an error or None.
     architecture: Callable[[str, dict, list], tuple[str, str] | None] | None = None
 
-    def variant_params(self, variant) -> dict:
-        """A variant's parameters, the method's defaults filled in."""
+    def given_params(self, variant) -> dict:
+        """What a variant says of its parameters: those its name fixes, then those it sets. Raises
+        VariantError where the two disagree, or where a bare name is no shorthand."""
+        name = variant_name(variant)
+        fixed = self.shorthand(name)
         if isinstance(variant, str):
-            given = {self.name_param: variant} if self.name_param else {}
-        else:
-            given = {k: v for k, v in variant.items() if k != "name"}
-            if self.name_param and self.name_param not in given:
-                given[self.name_param] = variant["name"]
+            if fixed is None and not self.params:
+                raise VariantError("", f"'{name}' is not a {self.name} variant; {self.name} has one: {self.example}")
+            if fixed is None:
+                raise VariantError("", f"'{name}' is not a {self.name} shorthand, so it does not say its parameters; "
+                                       f"write {{name: {name}, {', '.join(f'{p}: ...' for p in self.params)}}} "
+                                       f"or use a name like {self.example}")
+            return fixed
+        given = {k: v for k, v in variant.items() if k != "name"}
+        for key, value in (fixed or {}).items():
+            if key in given and given[key] != value:
+                raise VariantError(f".{key}", f"the name '{name}' says {key}={value!r}, but {key} is {given[key]!r}: "
+                                              "rename the variant or drop the key")
+        return (fixed or {}) | given
+
+    def variant_params(self, variant) -> dict:
+        """A variant's parameters, the method's defaults filled in where it says nothing."""
+        given = self.given_params(variant)
+        for name, p in self.params.items():
+            if p.default is REQUIRED and name not in given:
+                raise VariantError(f".{name}", f"{self.name} needs {name}: set it, or use a name like {self.example}")
         return {name: given.get(name, p.default) for name, p in self.params.items()}
+
+
+class VariantError(ValueError):
+    """A variant that could mean two things, with the key (relative to the variant) that says so."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 def variant_name(variant) -> str:
@@ -108,6 +141,20 @@ GGUF_TYPES = {
 K_QUANT_BLOCK = 256  # k-quants need rows divisible by this, or llama.cpp falls back silently
 GROUPS = (-1, 32, 64, 128)
 KERNELS = ("auto", "torch", "triton", "marlin", "exllama_v2")  # GPTQModel's kernels, by the config's names
+
+
+_WIDTH_GROUP = re.compile(r"w(?P<bits>[0-9]+)g(?P<group>[0-9]+)")
+
+
+def _gguf_name(name: str) -> dict | None:
+    """A name spelled like a llama.cpp type is that type (an unknown one is then refused as a type)."""
+    return {"type": name} if re.fullmatch(r"I?Q[0-9]\w*|B?F16|F32", name) else None
+
+
+def _width_group_name(name: str) -> dict | None:
+    """w4g128: 4 bits, groups of 128."""
+    m = _WIDTH_GROUP.fullmatch(name)
+    return {"bits": int(m["bits"]), "group_size": int(m["group"])} if m else None
 
 
 def _k_quant_rows(model: str, widths: dict, variants: list):
@@ -138,36 +185,39 @@ BASELINE = Method(
     module=None, env="torch", bits=lambda params: 16)
 GGUF = Method(
     "gguf", Family.GGUF, "llama.cpp quantization types, from one F16 GGUF per model",
-    module="llamacpp", env="llamacpp", counted=Bits.GGUF, name_param="type",
-    params={"type": Param(str, None, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}")},
+    module="llamacpp", env="llamacpp", counted=Bits.GGUF, shorthand=_gguf_name, example="Q4_K_M",
+    params={"type": Param(str, REQUIRED, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}")},
     bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows)
 GPTQ = Method(
     "gptq", Family.PACKED, "GPTQ through GPTQModel", module="packed", env="gptqmodel", counted=Bits.PACKED,
-    calibrated=True, kernels=KERNELS,
-    params={"bits": Param(int, 4, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
+    calibrated=True, kernels=KERNELS, shorthand=_width_group_name, example="w4g128",
+    params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "desc_act": Param(bool, False, (False, True)), "sym": Param(bool, True, (False, True)),
             "damp": Param(float, 0.01, check=_fraction, meaning="a number in (0, 1)")})
 AWQ = Method(
     "awq", Family.PACKED, "AWQ through GPTQModel (4-bit GEMM with zero points)", module="packed", env="gptqmodel",
-    counted=Bits.PACKED, calibrated=True, kernels=KERNELS, architecture=_awq_groups,
+    counted=Bits.PACKED, calibrated=True, kernels=KERNELS, architecture=_awq_groups, shorthand=_width_group_name,
+    example="w4g128",
     params={"bits": Param(int, 4, (4,)), "group_size": Param(int, 128, (64, 128)),
             "zero_point": Param(bool, True, (False, True))})
 RTN = Method(
     "rtn", Family.PACKED, "round-to-nearest in GPTQ's packing: the baseline GPTQ and AWQ must beat",
-    module="packed", env="gptqmodel", counted=Bits.PACKED, kernels=KERNELS,
-    params={"bits": Param(int, 4, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
+    module="packed", env="gptqmodel", counted=Bits.PACKED, kernels=KERNELS, shorthand=_width_group_name,
+    example="w4g128", params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "sym": Param(bool, True, (False, True))})
 BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB = Method(
     "bnb", Family.LOAD_TIME, "bitsandbytes, quantized while loading", module="bnb", env="torch",
-    counted=Bits.IN_MEMORY, bits=lambda params: BNB_BITS[params["mode"]],
-    params={"mode": Param(str, "nf4", tuple(BNB_BITS)),
+    counted=Bits.IN_MEMORY, bits=lambda params: BNB_BITS[params["mode"]], example="nf4",
+    shorthand=lambda name: {"mode": name} if name in BNB_BITS else None,
+    params={"mode": Param(str, REQUIRED, tuple(BNB_BITS)),
             "threshold": Param(float, 6.0, check=_positive, meaning="a positive number"),
             "double_quant": Param(bool, False, (False, True)),
             "compute_dtype": Param(str, "float32", ("float16", "bfloat16", "float32"))})
 EETQ = Method(
     "eetq", Family.LOAD_TIME, "EETQ int8, quantized while loading (CUDA only)", module="eetq", env="torch",
-    counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8)
+    counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8, example="int8",
+    shorthand=lambda name: {} if name == "int8" else None)
 
 METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ)}
 CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family is not Family.BASELINE)

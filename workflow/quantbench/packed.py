@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
+from .sources import trusts_remote_code
 
 
 def quantize_config(method: str, params: dict):
@@ -60,7 +61,7 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
         calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
     t0 = time.perf_counter()
     with _scratch_cwd():
-        model = GPTQModel.load(hf_dir, quantize_config(method, params))
+        model = GPTQModel.load(hf_dir, quantize_config(method, params), trust_remote_code=trusts_remote_code(hf_dir))
         kwargs = {}
         if method == "awq" and not torch.cuda.is_available():
             kwargs["backend"] = BACKEND.AWQ_TORCH  # AWQ's default kernels need CUDA
@@ -110,7 +111,7 @@ def run(cell: dict, hf_dir: str, calib_ids: str | None, calib_meta: str | None, 
     io.write_json(info_file, info)
 
 
-def load(method: str, model_dir: str, kernel: str):
+def load(method: str, model_dir: str, kernel: str, trust_remote_code: bool = False):
     """A checkpoint loaded back by GPTQModel with `kernel`, and the names of the kernel classes it used."""
     import torch
     from gptqmodel import GPTQModel
@@ -121,7 +122,7 @@ def load(method: str, model_dir: str, kernel: str):
         from .backends import Skipped
 
         raise Skipped(f"GPTQModel's {kernel} kernel needs CUDA, and this machine has none")
-    kwargs = {"backend": backend(method, kernel, cuda)}
+    kwargs = {"backend": backend(method, kernel, cuda), "trust_remote_code": trust_remote_code}
     if not cuda:
         kwargs["dtype"] = torch.bfloat16
     model = GPTQModel.load(model_dir, device="cuda" if cuda else "cpu", **kwargs).model

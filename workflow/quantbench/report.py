@@ -80,8 +80,9 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
     out.append(Section("GGUF levels", [], claims_tables.gguf_table(df, claims), level=3))
     out.append(Section("Method families", [], claims_tables.method_table(df, claims), level=3))
     out.append(Section("Selection guide", [
-        f"The best measured cell for each scenario, among cells within ΔPPL ≤ {budget_pct:g}% of FP16 "
-        "(`report.quality_budget_pct`), and how it compares with the usual advice."],
+        f"For each model, the best measured cell for each scenario, among that model's cells within ΔPPL ≤ "
+        f"{budget_pct:g}% of its FP16 baseline (`report.quality_budget_pct`), and how it compares with the usual "
+        "advice. Cells of different models are never ranked against each other: each scored its own token stream."],
         pd.DataFrame(guide.selection_guide(df, budget_pct))))
     return out
 
@@ -91,14 +92,23 @@ def _bands(bands: dict, sign: str, unit: str) -> str:
 
 
 def _protocol_note(df: pd.DataFrame) -> list[str]:
-    first = df.iloc[0]
-    stride = f", stride {first['protocol_stride']:g}" if pd.notna(first.get("protocol_stride")) else ""
-    return [
-        f"Protocol `{first.get('protocol_name')}` ({first.get('protocol_follows')}): context "
-        f"{first.get('protocol_context')}{stride}, {first.get('protocol_n_windows')} windows, "
-        f"{first.get('protocol_n_scored_tokens')} scored tokens (max_windows={first.get('protocol_max_windows')}; "
-        f"0 means the whole text), tokenizer {first.get('protocol_tokenizer')}, text sha256 "
-        f"`{str(first.get('protocol_text_sha256'))[:16]}…`.",
+    """The protocol each model's cells were scored under: each model has its own tokenizer, so its own
+    token stream and windows; perplexities compare within a model, not across."""
+    lines = []
+    for model, cells in df.groupby("model", sort=True):
+        scored = cells[cells["protocol_name"].notna()] if "protocol_name" in cells else cells.iloc[:0]
+        if scored.empty:
+            lines.append(f"**{model}**: no cell was scored.")
+            continue
+        first = scored.iloc[0]
+        stride = f", stride {first['protocol_stride']:g}" if pd.notna(first.get("protocol_stride")) else ""
+        lines.append(
+            f"**{model}**: protocol `{first.get('protocol_name')}` ({first.get('protocol_follows')}): context "
+            f"{first.get('protocol_context')}{stride}, {first.get('protocol_n_windows')} windows, "
+            f"{first.get('protocol_n_scored_tokens')} scored tokens (max_windows={first.get('protocol_max_windows')}; "
+            f"0 means the whole text), tokenizer {first.get('protocol_tokenizer')}, text sha256 "
+            f"`{str(first.get('protocol_text_sha256'))[:16]}…`.")
+    return lines + [
         "ΔPPL % = (ppl − ppl_FP16) / ppl_FP16 × 100; size / FP16 = size on disk over the FP16 checkpoint's. "
         "KL mean, KL p99: KL(FP16 ‖ cell) of the next-token distributions over the scored tokens (nats); "
         "top-1 agree: share of scored positions whose most likely token is FP16's. Bits / weight: "

@@ -126,4 +126,11 @@ def _check_hf_dir(name: str, hf_dir: Path, spec: dict) -> None:
                            f"set models.{name}.trust_remote_code: true only if you trust it")
 
 
+def trusts_remote_code(hf_dir: str | Path) -> bool:
+    """Whether the config let this model run its own code (`trust_remote_code`), as its download
+    recorded it: every loader of the model passes this on."""
+    provenance = Path(hf_dir) / "provenance.json"
+    return bool(provenance.is_file() and io.read_json(provenance)["spec"].get("trust_remote_code"))
+
+
 FETCHERS = {"hf": _from_hub, "path": _from_path, "gguf": _from_gguf}

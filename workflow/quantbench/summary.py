@@ -28,11 +28,7 @@ def load(metrics_files: list[str]) -> pd.DataFrame:
         record |= {f"version_{k}": v for k, v in versions.items()}
         record = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in record.items()}
         rows.append(record)
-    df = pd.json_normalize(rows, max_level=0)
-    for column in COLUMNS:  # a matrix whose cells all failed still has every column
-        if column not in df.columns:
-            df[column] = None
-    return df
+    return pd.json_normalize(rows, max_level=0)
 
 
 def _share(types: dict | None) -> str | None:
@@ -46,7 +42,7 @@ def _share(types: dict | None) -> str | None:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """ΔPPL % and size ratio against each model's FP16 baseline; sorted by model, then bits per weight."""
     numeric = [c for c in COLUMNS if c not in ("model", "method", "variant", "status", "device", "compute_dtype", "error")]
-    df = df.copy()
+    df = df.reindex(columns=[*df.columns, *(c for c in COLUMNS if c not in df.columns)])  # even if every cell failed
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     base = df[(df["method"] == BASELINE.name) & (df["status"] == "ok")].set_index("model")
     df["delta_ppl_pct"] = (df["ppl"] - df["model"].map(base["ppl"])) / df["model"].map(base["ppl"]) * 100

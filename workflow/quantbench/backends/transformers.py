@@ -26,7 +26,8 @@ class TransformersBackend:
         self.weight_bytes = model.get_memory_footprint()
 
     @classmethod
-    def load(cls, method, params: dict, model_dir: str, threads: int, kernel: str = "auto") -> TransformersBackend:
+    def load(cls, method, params: dict, model_dir: str, threads: int, kernel: str = "auto",
+             trust_remote_code: bool = False) -> TransformersBackend:
         """A cell of `method` (a methods.Method) from a Hugging Face directory: the model itself (baseline),
         a packed checkpoint evaluated by `kernel`, or the model quantized while loading."""
         import torch
@@ -38,7 +39,7 @@ class TransformersBackend:
             raise Skipped(f"{method.cuda_only}, and this machine has none")
         module = importlib.import_module(f"quantbench.{method.module}") if method.module else None
         if method.family is Family.PACKED:
-            model, used = module.load(method.name, model_dir, kernel)
+            model, used = module.load(method.name, model_dir, kernel, trust_remote_code)
             return cls(model, backend=f"gptqmodel-{method.name}", kernel=used)
         kwargs = {}
         if method.family is Family.LOAD_TIME:
@@ -49,7 +50,7 @@ class TransformersBackend:
         if cuda:
             dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cuda" if cuda else "cpu",
-                                                     **kwargs)
+                                                     trust_remote_code=trust_remote_code, **kwargs)
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}")
 
     def info(self) -> dict:
