@@ -3,10 +3,11 @@ other cell's KL divergence, top-1 agreement and Δp are computed against them.""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import failures, io
 
 ROWS = 512  # scored positions handled at once when comparing distributions (bounds memory)
 
@@ -44,8 +45,15 @@ class Distributions:
 
     @classmethod
     def load(cls, path: str) -> Distributions:
-        with np.load(path) as z:
-            return cls(*(z[f] for f in cls.__dataclass_fields__))
+        """The stored distributions. A file that cannot be read whole is removed, so that the next run
+        recomputes it, and the job fails naming it: it is never compared with."""
+        try:
+            with np.load(path) as z:
+                return cls(*(z[f] for f in cls.__dataclass_fields__))
+        except Exception as exc:  # noqa: BLE001 - zip, pickle and shape errors alike mean a damaged file
+            Path(path).unlink(missing_ok=True)
+            raise failures.Damaged(f"{path} is damaged ({type(exc).__name__}: {exc}); it was removed: run again "
+                                   "to recompute the FP16 baseline and the cells compared with it") from exc
 
     def logits(self, rows: slice):
         """The baseline's logits at scored positions `rows`, [n, V] float32."""

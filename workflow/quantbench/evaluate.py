@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifacts, io
+from . import artifacts, failures, io
 from .backends import Skipped, open_backend
 from .distributions import Distributions, Recorder
 from .methods import METHODS, Bits
@@ -57,7 +57,9 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
             record["bits_per_weight"] = artifacts.in_memory(record["weight_memory_mb"], record["n_params"])
     except Skipped as exc:
         record |= {"status": "skipped", "error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - any failure of one cell becomes data in its row
+    except Exception as exc:  # noqa: BLE001 - any failure of the method becomes data in its row
+        if failures.is_transient(exc):
+            raise  # the machine's, not the method's: the job fails and may be retried
         traceback.print_exc()
         record |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     finally:

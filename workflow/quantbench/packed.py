@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import failures, io
 from .sources import trusts_remote_code
 
 
@@ -92,17 +92,19 @@ def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | N
             return json.loads(result.read_text())
     # The last "SomethingError: message"; worker threads may glue it to a traceback line ("^^ValueError: ...").
     errors = re.findall(r"\b(\w+(?:Error|Exception): .+)$", proc.stderr, flags=re.MULTILINE)
-    raise RuntimeError(errors[-1] if errors else f"quantization exited with code {proc.returncode}")
+    raise failures.from_exit(proc.returncode, errors[-1] if errors else None)
 
 
 def run(cell: dict, hf_dir: str, calib_ids: str | None, calib_meta: str | None, out_dir: str, info_file: str,
         threads: int) -> None:
-    """Quantize one cell into out_dir and record how it went in info_file. A failure is recorded, not
-    raised: the cell's evaluation turns it into a failed row."""
+    """Quantize one cell into out_dir and record how it went in info_file. A deterministic failure is
+    recorded, not raised: the cell's evaluation turns it into a failed row. A transient one fails the job."""
     try:
         info = {"status": "ok", **quantize_isolated(cell["method"], cell["params"], hf_dir, calib_ids, out_dir,
                                                     threads)}
     except Exception as exc:  # noqa: BLE001 - recorded; the evaluation turns it into a failed row
+        if failures.is_transient(exc):
+            raise
         traceback.print_exc()
         info = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,87 @@
+"""Faults a long run meets, on the tiny model: a job killed by the machine is retried, not recorded."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import snakemake, write_config
+
+pytestmark = pytest.mark.integration
+
+# Loaded by every Python process of the run (PYTHONPATH): the first GPTQModel quantization child
+# is killed as the out-of-memory killer kills, with SIGKILL; later ones run.
+KILL_ONCE = """\
+import os, signal, sys
+marker = os.environ.get("QUANTBENCH_TEST_KILL_ONCE")
+if marker and "quantbench.packed" in sys.orig_argv and not os.path.exists(marker):
+    open(marker, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_quantization_is_retried_not_recorded(tmp_path, tiny):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_ONCE)
+    marker = tmp_path / "killed-once"
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {"rtn": {"variants": ["w4g128"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4},
+    })
+    env = {"PYTHONPATH": str(hook), "QUANTBENCH_TEST_KILL_ONCE": str(marker)}
+    run = snakemake(tmp_path, "--retries", "1", config=cfg, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert marker.exists()  # the first attempt was killed
+    assert "Trying to restart job" in run.stdout + run.stderr
+    info = json.loads((tmp_path / "results" / "tiny" / "rtn" / "w4g128" / "quantize.json").read_text())
+    assert info["status"] == "ok"
+    df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index("method")
+    assert df.loc["rtn", "status"] == "ok"
+
+
+def test_a_kill_without_retries_fails_the_run_and_leaves_no_result(tmp_path, tiny):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_ONCE)
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {"rtn": {"variants": ["w4g128"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4},
+    })
+    env = {"PYTHONPATH": str(tmp_path / "hook"), "QUANTBENCH_TEST_KILL_ONCE": str(tmp_path / "killed-once")}
+    run = snakemake(tmp_path, "--retries", "0", config=cfg, env=env)
+    assert run.returncode != 0
+    assert "killed by SIGKILL" in (tmp_path / "results" / "logs" / "quantize" / "tiny" / "rtn" / "w4g128.log").read_text()
+    assert not (tmp_path / "results" / "tiny" / "rtn" / "w4g128" / "quantize.json").exists()  # not a result
+    run = snakemake(tmp_path, config=cfg, env=env)  # the same command again: the cell runs now
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert json.loads((tmp_path / "results" / "tiny" / "rtn" / "w4g128" / "quantize.json").read_text())["status"] == "ok"
+
+
+def test_damaged_distributions_are_named_and_recomputed(tmp_path, tiny, tiny_gguf, converter):
+    from conftest import share_tools
+
+    share_tools(tmp_path, converter)
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {"gguf": {"variants": ["Q8_0"]}, "bnb": {"variants": ["int8"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4},
+    })
+    assert snakemake(tmp_path, config=cfg).returncode == 0
+    summary = tmp_path / "results" / "report" / "summary.csv"
+    before = pd.read_csv(summary).set_index("method")
+    dist = tmp_path / "results" / "tiny" / "baseline" / "fp16" / "distributions.npz"
+    dist.write_bytes(dist.read_bytes()[: dist.stat().st_size // 2])  # a half-written copy
+    run = snakemake(tmp_path, config=cfg)
+    assert run.returncode != 0
+    logs = "".join(p.read_text() for p in (tmp_path / "results" / "logs" / "evaluate" / "tiny").rglob("*.log"))
+    assert "results/tiny/baseline/fp16/distributions.npz is damaged" in logs  # named, not a bare BadZipFile
+    for path in (tmp_path / "results" / "tiny").glob("*/*/metrics.json"):  # no row says 'failed' because of it
+        assert json.loads(path.read_text())["status"] == "ok", path
+    run = snakemake(tmp_path, config=cfg)  # the same command again recomputes the baseline and its cells
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    after = pd.read_csv(summary).set_index("method")
+    assert (after["status"] == "ok").all()
+    assert after["kl_mean"].to_dict() == pytest.approx(before["kl_mean"].to_dict())
