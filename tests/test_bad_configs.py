@@ -28,6 +28,7 @@ def fixtures(tmp_path_factory) -> Path:
     (root / "text.txt").write_text("Some text to score.\n" * 50)
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (root / "empty.txt").write_text("\n")
+    (root / "short.txt").write_text("A short text.\n\n\n")
     (root / "fake.gguf").write_bytes(b"PK\x03\x04 not a GGUF file")
     (root / "real.gguf").write_bytes(b"GGUF" + bytes(60))
     (root / "bad-refs.csv").write_text("model,method,value\nx,gguf,1\n")

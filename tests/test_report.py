@@ -41,12 +41,13 @@ CELLS = {  # (method, variant): the fields a real evaluation writes
 def report_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("report")
     text = work / "eval.txt"
-    text.write_text("held-out text\n")
+    text.write_text("held-out text\n" * 200)  # long enough for one 2048-token window
     cfg = write_config(work, {
         "models": {"opt-125m": OPT},
         "methods": {"gptq": {"variants": [{"name": "w4", "bits": 4, "group_size": -1}]},
                     "rtn": {"variants": [{"name": "w4", "bits": 4, "group_size": -1}]},
                     "gguf": {"variants": ["Q4_K_M"]}, "eetq": {"variants": ["int8"]}},
+        "calibration": {"source": "c4", "n_samples": 128, "seq_len": 2048},
         "eval": {"text": {"text_file": str(text)}, "protocol": "gptq"},
         "report": {"tolerance_pct": 0.5},
     })

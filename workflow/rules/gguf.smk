@@ -1,11 +1,8 @@
 # The gguf method: HF -> F16 GGUF once per model, then one llama.cpp quantization per variant.
-CONVERTER = f"{paths.TOOLS}/llama.cpp-{llamacpp.LLAMA_CPP_PYTHON_PIN}/convert_hf_to_gguf.py"
-
-
 rule fetch_gguf_converter:
     """llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist (fetched once)."""
     output:
-        CONVERTER,
+        paths.CONVERTER,
     log:
         paths.log("fetch_converter"),
     benchmark:
@@ -25,7 +22,7 @@ rule convert_gguf:
     """HF -> F16 GGUF, once per model; every llama.cpp type starts from it."""
     input:
         hf=rules.download_model.output[0],
-        converter=CONVERTER,
+        converter=paths.CONVERTER,
     output:
         paths.F16_GGUF,
     log:
