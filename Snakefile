@@ -45,6 +45,11 @@ include: "workflow/rules/report.smk"
 
 onstart:
     textdata.preflight(config["eval"]["text"], paths.RESOURCES)
+    PLAN.retire_report()
+
+
+onerror:
+    PLAN.report_anyway()  # every cell a row, the failed ones with the job that failed; the run still fails
 
 
 rule all:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -85,3 +86,38 @@ def test_damaged_distributions_are_named_and_recomputed(tmp_path, tiny, tiny_ggu
     after = pd.read_csv(summary).set_index("method")
     assert (after["status"] == "ok").all()
     assert after["kl_mean"].to_dict() == pytest.approx(before["kl_mean"].to_dict())
+
+
+def test_a_conversion_llama_cpp_cannot_do_is_a_row_in_a_written_report(tmp_path, tiny, converter):
+    """GPT-2 as transformers 5 saves it has no n_ctx, which llama.cpp's converter reads: its GGUF cells
+    fail at conversion, a shared job. They are rows saying so, the other cells finish, the report is
+    written (replacing the last one, which is no longer current) and the run still fails."""
+    from conftest import share_tools
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    share_tools(tmp_path, converter)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["hf"])
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=1, n_head=2, n_positions=256,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    spec = {"models": {"gpt2": {"source": "path", "path": str(gpt2)}},
+            "methods": {"bnb": {"variants": ["int8"]}},
+            "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4}}
+    assert snakemake(tmp_path, config=write_config(tmp_path, spec)).returncode == 0
+    summary = tmp_path / "results" / "report" / "summary.csv"
+    assert len(pd.read_csv(summary)) == 2
+
+    spec["methods"]["gguf"] = {"variants": ["Q8_0", "Q4_0"]}
+    run = snakemake(tmp_path, config=write_config(tmp_path, spec))
+    assert run.returncode != 0  # something failed, and the exit code says so
+    df = pd.read_csv(summary).set_index(["method", "variant"])
+    assert len(df) == 4
+    assert df.loc[("baseline", "fp16"), "status"] == "ok" and df.loc[("bnb", "int8"), "status"] == "ok"
+    for variant in ("Q8_0", "Q4_0"):
+        row = df.loc[("gguf", variant)]
+        assert row["status"] == "failed" and row["failed_step"] == "convert", row.to_dict()
+        assert "KeyError: 'n_ctx'" in row["error"]
+    md = (summary.parent / "summary.md").read_text()
+    assert re.search(r"\*\*gpt2 gguf Q8_0\*\* failed: convert: .*KeyError: 'n_ctx'", md)

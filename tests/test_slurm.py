@@ -1,6 +1,6 @@
 """The tiny-model workflow submitted to a real one-node Slurm cluster (tests/slurm/cluster.sh):
 every job goes through sbatch, GPU-tagged rules get a GPU, and a failed job fails the run while
-the finished cells stay."""
+the finished cells stay and the report shows the failed cells as rows."""
 from __future__ import annotations
 
 import os
@@ -87,7 +87,7 @@ def test_a_failed_job_fails_the_run_and_keeps_finished_cells(slurm, tmp_path, ti
     env, state = slurm
     share_tools(tmp_path, converter)
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"not a GGUF file")  # exists, so the config is valid; the download job fails on it
+    broken.write_bytes(b"GGUF" + bytes(60))  # a GGUF by its magic bytes, so the config is valid; the download job fails
     cfg = write_config(tmp_path, {
         "models": {"tiny": {"source": "path", "path": str(tiny["hf"])},
                    "broken": {"source": "gguf", "path": str(broken)}},
@@ -98,6 +98,8 @@ def test_a_failed_job_fails_the_run_and_keeps_finished_cells(slurm, tmp_path, ti
     assert run.returncode != 0
     for cell in ("baseline/fp16", "gguf/Q8_0"):
         assert (tmp_path / "results" / "tiny" / cell / "metrics.json").is_file(), cell
-    assert not (tmp_path / "results" / "report" / "summary.csv").exists()
+    df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index(["model", "method"])
+    assert (df.loc["tiny", "status"] == "ok").all()  # the report is written all the same, every cell a row
+    assert (df.loc["broken", "status"] == "failed").all() and (df.loc["broken", "failed_step"] == "download").all()
     failed = [j for j in jobs_of(state, tmp_path).values() if j["state"] != "COMPLETED"]
     assert [j["rule"] for j in failed] == ["download_model"], failed

@@ -83,9 +83,10 @@ def _check_config(a):
 
 
 def _report(a):
-    from . import report
+    from . import io, report
 
-    report.build(a.metrics, json.loads(a.models), a.out_dir, a.references, a.tolerance_pct, a.quality_budget_pct)
+    records = [io.read_json(p) for p in a.metrics]
+    report.build(records, json.loads(a.models), a.out_dir, a.references, a.tolerance_pct, a.quality_budget_pct)
 
 
 def main(argv: list[str] | None = None) -> None:

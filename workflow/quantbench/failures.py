@@ -8,7 +8,9 @@ nothing is recorded that a rerun would take for finished.
 """
 from __future__ import annotations
 
+import re
 import signal
+from pathlib import Path
 
 
 class Transient(RuntimeError):
@@ -21,6 +23,23 @@ class Damaged(Transient):
 
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (Transient, MemoryError)) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def last_error(log: str | Path) -> str | None:
+    """What a job's log says went wrong: its last "SomethingError: message" line, else its last line."""
+    log = Path(log)
+    if not log.is_file():
+        return None
+    text = log.read_text(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return error_line(text) or (lines[-1] if lines else None)
+
+
+def error_line(output: str) -> str | None:
+    """The last "SomethingError: message" of a program's output; worker threads may glue it to a
+    traceback line ("^^ValueError: ...")."""
+    errors = re.findall(r"\b(\w+(?:Error|Exception): .+)$", output, flags=re.MULTILINE)
+    return errors[-1] if errors else None
 
 
 def from_exit(returncode: int, error: str | None) -> Exception:

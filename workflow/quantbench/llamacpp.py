@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import io
+from . import failures, io
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 LLAMA_CPP_PYTHON_PIN = "0.3.36"  # the same pin as pyproject.toml and envs/llamacpp.yaml
@@ -95,11 +95,13 @@ def tokenize(gguf_path: str, text: str) -> tuple[list[int], dict]:
 
 
 def convert(hf_dir: str, out: str, converter: str, outtype: str = "f16") -> None:
+    """llama.cpp's converter, its own error raised when it cannot convert the model."""
     with io.atomic_path(out) as tmp:
-        subprocess.run(
-            [sys.executable, converter, hf_dir, "--outtype", outtype, "--outfile", str(tmp)],
-            check=True,
-        )
+        proc = subprocess.run([sys.executable, converter, hf_dir, "--outtype", outtype, "--outfile", str(tmp)],
+                              stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            raise failures.from_exit(proc.returncode, failures.error_line(proc.stderr))
 
 
 def quantize(src: str, dst: str, gguf_type: str, threads: int) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -90,9 +89,7 @@ def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | N
         sys.stderr.write(proc.stderr)
         if proc.returncode == 0 and result.is_file():
             return json.loads(result.read_text())
-    # The last "SomethingError: message"; worker threads may glue it to a traceback line ("^^ValueError: ...").
-    errors = re.findall(r"\b(\w+(?:Error|Exception): .+)$", proc.stderr, flags=re.MULTILINE)
-    raise failures.from_exit(proc.returncode, errors[-1] if errors else None)
+    raise failures.from_exit(proc.returncode, failures.error_line(proc.stderr))
 
 
 def run(cell: dict, hf_dir: str, calib_ids: str | None, calib_meta: str | None, out_dir: str, info_file: str,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
-from . import calibration, paths, published, textdata
+from . import calibration, failures, io, paths, published, textdata
 from .config import cells, find_cell
 from .methods import METHODS, Family, of_family
 
@@ -92,6 +94,68 @@ class Plan:
     @staticmethod
     def calibration_args(wildcards, input) -> str:
         return f"--calib {input.calib} --calib-meta {input.calib_meta}" if "calib" in input.keys() else ""
+
+
+    # When jobs fail: every cell is still a row
+
+    def steps(self, cell) -> list[tuple[str, str, str]]:
+        """The jobs a cell depends on, in order, ending with its own evaluation: (step, output, log)."""
+        method, model = METHODS[cell.method], cell.model
+        per_model, per_cell = paths.PER_MODEL.format(model=model), paths.cell(paths.PER_CELL, model, cell.method,
+                                                                               cell.variant)
+        convert = [("fetch_converter", paths.CONVERTER, paths.log("fetch_converter")),
+                   ("convert", paths.F16_GGUF.format(model=model), paths.log("convert", per_model))]
+        out = [("download", paths.MODEL_DIR.format(model=model), paths.log("download", per_model))]
+        if self.config["eval"]["tokens"] == "gguf":
+            out += convert
+        out.append(("tokenize", paths.EVAL_TOKENS.format(model=model), paths.log("tokenize", per_model)))
+        if method.family is Family.GGUF:
+            out += [s for s in convert if s not in out]
+            out.append(("quantize", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
+                        paths.log("quantize", per_cell)))
+        if method.calibrated:
+            out.append(("calibration", paths.CALIB_TOKENS.format(model=model), paths.log("calibration", per_model)))
+        if method.family is Family.PACKED:
+            out.append(("quantize", paths.cell(paths.QUANTIZE_INFO, model, cell.method, cell.variant),
+                        paths.log("quantize", per_cell)))
+        if method.family is not Family.BASELINE:
+            out.append(("evaluate the FP16 baseline", paths.DISTRIBUTIONS.format(model=model),
+                        paths.log("evaluate", paths.baseline(paths.PER_CELL).format(model=model))))
+        return out + [("evaluate", cell.metrics, paths.log("evaluate", per_cell))]
+
+    def row(self, cell) -> dict:
+        """The cell's metrics.json, or where it was not written, why: the first job of the cell that has
+        no output, and the error its log ends with."""
+        if Path(cell.metrics).is_file():
+            return io.read_json(cell.metrics)
+        for step, output, log in self.steps(cell):
+            if not Path(output).exists():
+                error = failures.last_error(log)
+                status = "failed" if error else "not run"
+                return {**cell.record(), "status": status, "failed_step": step,
+                        "error": f"{step}: {error}" if error else f"its {step} job did not run"}
+        return {**cell.record(), "status": "not run", "error": "not evaluated"}
+
+    def report_anyway(self) -> None:
+        """After a failed run: the report of every cell, the failed ones as rows saying which job failed.
+        It runs in Snakemake's own process, whose environment may lack the report's packages."""
+        try:
+            from . import report
+        except ImportError as exc:
+            print(f"quantbench: no report after the failure: {exc} (install pandas, matplotlib and jinja2 beside "
+                  "Snakemake)", file=sys.stderr)
+            return
+        report.build([self.row(cell) for cell in self.cells], self.config["models"], paths.REPORT_DIR,
+                     self.references, self.config["report"]["tolerance_pct"],
+                     self.config["report"]["quality_budget_pct"])
+
+    @staticmethod
+    def retire_report() -> None:
+        """A run that does work first removes the last report, which would no longer be current; the
+        report rule or, if jobs fail, report_anyway writes the new one."""
+        for file in Path(paths.REPORT_DIR).glob("*"):
+            if file.is_file():
+                file.unlink()
 
 
 def scaled_by_attempt(mem_mb: int):

@@ -201,9 +201,10 @@ def render(parts: list[Section], template: str) -> str:
     return TEMPLATES.get_template(template).render(views=views, inline=_inline, escape=html.escape)
 
 
-def build(metrics_files: list[str], models: dict, out_dir: str, references: list[str], tolerance_pct: float,
+def build(records: list[dict], models: dict, out_dir: str, references: list[str], tolerance_pct: float,
           budget_pct: float) -> pd.DataFrame:
-    df = summary.summarize(summary.load(metrics_files))
+    """The report of the cells' metrics.json records (one per cell, failed ones included)."""
+    df = summary.summarize(summary.load(records))
     refs = published.load(references)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 
-from . import io
 from .methods import BASELINE
 
 COLUMNS = [  # the CSV's leading columns; every other metric follows
@@ -15,10 +14,11 @@ COLUMNS = [  # the CSV's leading columns; every other metric follows
     "peak_rss_mb", "peak_vram_mb", "quantize_s", "device", "compute_dtype", "error",
 ]
 
-def load(metrics_files: list[str]) -> pd.DataFrame:
+def load(records: list[dict]) -> pd.DataFrame:
+    """The cells' metrics.json records as one flat row each."""
     rows = []
-    for path in metrics_files:
-        record = io.read_json(path)
+    for record in records:
+        record = dict(record)
         protocol = record.pop("protocol", None) or {}
         versions = record.pop("versions", None) or {}
         record["tensor_types"] = _share(record.get("tensor_types"))
