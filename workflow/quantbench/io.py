@@ -56,6 +56,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def verify_sha256(path: str | os.PathLike, expected: str, pinned_by: str) -> str:
+    """The file's sha256, which must be the pinned one: a download that differs is refused before use."""
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ValueError(f"{Path(path).name} has sha256 {digest}, not {expected} as {pinned_by} pins it: "
+                         "refusing to use it")
+    return digest
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

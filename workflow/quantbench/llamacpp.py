@@ -19,6 +19,8 @@ from . import failures, io
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 LLAMA_CPP_PYTHON_PIN = "0.3.36"  # the same pin as pyproject.toml and envs/llamacpp.yaml
+# Its sdist, whose converter the workflow runs: pinned by content, beside the version pin it belongs to.
+LLAMA_CPP_PYTHON_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 
@@ -28,6 +30,8 @@ def download_sdist(dest: str, version: str) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP_PYTHON,
                     "--dest", dest, f"{LLAMA_CPP_PYTHON}=={version}"], check=True)
     (sdist,) = Path(dest).glob("*.tar.gz")
+    if version == LLAMA_CPP_PYTHON_PIN:
+        io.verify_sha256(sdist, LLAMA_CPP_PYTHON_SDIST_SHA256, "quantbench.llamacpp.LLAMA_CPP_PYTHON_SDIST_SHA256")
     return sdist
 
 

