@@ -59,7 +59,7 @@ def test_no_text_and_no_network_stops_at_once(tmp_path, tiny):
     cfg = write_config(tmp_path, {
         "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
         "methods": {"gguf": {"variants": ["Q8_0"]}},
-        "eval": {"text": {"dataset": "wikitext-2-raw-v1"}},
+        "eval": {"text": {"dataset": "wikitext-2-raw-v1"}, "context": 128},
     })
     run = snakemake(tmp_path, config=cfg, env={"HF_HUB_OFFLINE": "1"})
     assert run.returncode != 0
