@@ -110,7 +110,8 @@ def test_a_conversion_llama_cpp_cannot_do_is_a_row_in_a_written_report(tmp_path,
     assert len(pd.read_csv(summary)) == 2
 
     spec["methods"]["gguf"] = {"variants": ["Q8_0", "Q4_0"]}
-    run = snakemake(tmp_path, config=write_config(tmp_path, spec))
+    cfg = write_config(tmp_path, spec)
+    run = snakemake(tmp_path, config=cfg)
     assert run.returncode != 0  # something failed, and the exit code says so
     df = pd.read_csv(summary).set_index(["method", "variant"])
     assert len(df) == 4
@@ -121,6 +122,8 @@ def test_a_conversion_llama_cpp_cannot_do_is_a_row_in_a_written_report(tmp_path,
         assert "KeyError: 'n_ctx'" in row["error"]
     md = (summary.parent / "summary.md").read_text()
     assert re.search(r"\*\*gpt2 gguf Q8_0\*\* failed: convert: .*KeyError: 'n_ctx'", md)
+    # That report does not pass for a finished one: the same command tries the failed cells again.
+    assert "convert_gguf" in snakemake(tmp_path, "-n", config=cfg).stdout
 
 
 def test_new_weights_at_the_same_path_are_noticed(tmp_path, tiny):

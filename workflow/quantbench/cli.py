@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .methods import KERNELS
 
@@ -87,6 +88,7 @@ def _report(a):
 
     records = [io.read_json(p) for p in a.metrics]
     report.build(records, json.loads(a.models), a.out_dir, a.references, a.tolerance_pct, a.quality_budget_pct)
+    Path(a.complete).touch()  # the report rule's mark: a report written after a failed run has none
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tolerance-pct", type=float, default=2.0, help="a published number is reproduced within this")
     p.add_argument("--quality-budget-pct", type=float, default=10.0, help="selection guide: largest ΔPPL %% allowed")
     p.add_argument("--metrics", nargs="+", required=True, help="every cell's metrics.json")
+    p.add_argument("--complete", required=True, help="the mark written last, when every cell was reported")
     p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ METRICS = f"{CELL}/metrics.json"
 DISTRIBUTIONS = f"{RESULTS}/{{model}}/baseline/fp16/distributions.npz"
 
 REPORT_DIR = f"{RESULTS}/report"
+REPORT_DONE = f"{REPORT_DIR}/.complete"  # written by the report rule only, last
 
 # Logs and benchmarks: results/{logs,benchmarks}/<step>/<what the job is for>.{log,tsv}
 PER_MODEL = "{model}"

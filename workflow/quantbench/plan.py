@@ -152,6 +152,8 @@ class Plan:
         report.build([self.row(cell) for cell in self.cells], self.config["models"], paths.REPORT_DIR,
                      self.references, self.config["report"]["tolerance_pct"],
                      self.config["report"]["quality_budget_pct"])
+        # Without the rule's completion mark (paths.REPORT_DONE), the next run redoes the report and
+        # whatever it lacks: this one never passes for the report rule's finished output.
 
     @staticmethod
     def retire_report() -> None:

@@ -7,6 +7,7 @@ rule report:
         csv=report(f"{paths.REPORT_DIR}/summary.csv", category="Summary", labels={"file": "table (CSV)"}),
         md=report(f"{paths.REPORT_DIR}/summary.md", category="Summary", labels={"file": "report (Markdown)"}),
         html=report(f"{paths.REPORT_DIR}/report.html", category="Summary", labels={"file": "report (HTML)"}),
+        done=paths.REPORT_DONE,
         plots=[
             report(f"{paths.REPORT_DIR}/{name}", category="Plots", labels={"figure": name.removesuffix(".png")})
             for name in plots.FIGURES.values()
@@ -29,4 +30,4 @@ rule report:
     shell:
         "python -m quantbench report --models {params.models:q} --out-dir $(dirname {output.csv}) "
         "--references {input.references:q} --tolerance-pct {params.tolerance} --quality-budget-pct {params.budget} "
-        "--metrics {input.metrics} > {log} 2>&1"
+        "--metrics {input.metrics} --complete {output.done} > {log} 2>&1"
