@@ -35,7 +35,7 @@ def build_tool(target: str, out_dir: str | os.PathLike = CACHE, version: str = l
         return binary
     with tempfile.TemporaryDirectory() as tmp:
         src, build = Path(tmp) / "llama.cpp", Path(tmp) / "build"
-        llamacpp.extract_llama_cpp(llamacpp.download_sdist(tmp, version), src)
+        llamacpp.extract_llama_cpp(llamacpp.download_sdist(tmp, version)[0], src)
         if target in FLUSH_LOG_AT_EXIT:
             main, ending, flushed = FLUSH_LOG_AT_EXIT[target]
             source = (src / main).read_text()

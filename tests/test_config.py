@@ -40,7 +40,8 @@ def test_methods_can_be_restricted_to_some_models():
     cells = qc.cells(qc.validate(cfg))
     assert {c.model for c in cells if c.method == "gguf"} == {"other"}
     assert {c.model for c in cells if c.method in ("baseline", "gptq")} == {"smollm2-135m", "other"}
-    assert qc.find_cell(cfg, "other", "gguf", "Q4_K_M").params == {"type": "Q4_K_M"}
+    (cell,) = [c for c in cells if (c.model, c.method, c.variant) == ("other", "gguf", "Q4_K_M")]
+    assert cell.params == {"type": "Q4_K_M"}
 
 
 def test_variant_objects_name_a_gguf_type():

