@@ -10,7 +10,7 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from quantbench import config as qbconfig, paths, plots, textdata
+from quantbench import config as qbconfig, paths, plots, seals, textdata
 from quantbench.methods import Family
 from quantbench.plan import Plan, scaled_by_attempt
 
@@ -23,6 +23,8 @@ if not workflow.overwrite_configfiles:
 qbconfig.check_files(workflow.overwrite_configfiles or [Path(workflow.basedir) / "config.yaml"])  # keys given twice
 qbconfig.validate(config)  # schema + cross-field checks, before any job
 PLAN = Plan(config)
+if workflow.is_main_process:  # damaged artifacts move away before planning, so they are rebuilt first
+    seals.sweep()
 # Jobs run `python -m quantbench STAGE` with the package on PYTHONPATH, in the rule's conda env
 # under --sdm conda, else with the python that runs Snakemake (so a venv needs no activation).
 PACKAGE_DIR = shlex.quote(str(Path(workflow.basedir) / "workflow"))

@@ -148,3 +148,71 @@ def test_new_weights_at_the_same_path_are_noticed(tmp_path, tiny):
     run = snakemake(tmp_path, "-n", config=cfg)
     jobs = set(re.findall(r"^(?:local)?rule (\w+):", run.stdout, flags=re.MULTILINE))
     assert {"download_model", "evaluate_baseline", "evaluate_load_time", "report"} <= jobs, run.stdout[-2000:]
+
+
+def _sha(path):
+    from quantbench import io
+
+    return io.sha256_file(path)
+
+
+def test_a_truncated_f16_gguf_is_moved_away_and_nothing_good_is_deleted(tmp_path, tiny, converter):
+    """The damaged F16 is moved to results/damaged/ before Snakemake plans: the k-quants made from the
+    good one stay (a truncation's new mtime used to rerun them, deleting them, and fail); a job that
+    needs the F16 again converts it anew."""
+    from conftest import share_tools
+
+    share_tools(tmp_path, converter)
+    spec = {"models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+            "methods": {"gguf": {"variants": ["Q8_0", "Q4_0"]}},
+            "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4}}
+    cfg = write_config(tmp_path, spec)
+    assert snakemake(tmp_path, config=cfg).returncode == 0
+    f16 = tmp_path / "results" / "tiny" / "gguf" / "F16.gguf"
+    quants = [tmp_path / "results" / "tiny" / "gguf" / v / "model.gguf" for v in ("Q8_0", "Q4_0")]
+    good = [_sha(p) for p in quants]
+
+    f16.write_bytes(f16.read_bytes()[: f16.stat().st_size // 2])  # a half-written copy
+    run = snakemake(tmp_path, config=cfg)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "results/tiny/gguf/F16.gguf is damaged (F16.gguf:" in run.stderr
+    assert "Nothing to be done" in run.stdout + run.stderr
+    (moved,) = (tmp_path / "results" / "damaged" / "results" / "tiny" / "gguf").glob("F16.gguf.*")  # kept to inspect
+    assert not f16.exists() and [_sha(p) for p in quants] == good
+
+    spec["methods"]["gguf"]["variants"].append("Q5_0")
+    run = snakemake(tmp_path, config=write_config(tmp_path, spec))  # a new type needs the F16: converted anew
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert _sha(f16) != _sha(moved) and f16.stat().st_size > moved.stat().st_size
+    assert (pd.read_csv(tmp_path / "results" / "report" / "summary.csv")["status"] == "ok").all()
+
+
+def test_a_damaged_file_inside_a_checkpoint_is_named_and_rebuilt(tmp_path, tiny):
+    """Same size, same mtime, other bytes: only the seal's sha256 sees it. The evaluation that reads the
+    checkpoint refuses it, naming the file; the same command rebuilds it."""
+    import os
+
+    cfg = write_config(tmp_path, {
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "methods": {"rtn": {"variants": ["w4g128"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4},
+    })
+    assert snakemake(tmp_path, config=cfg).returncode == 0
+    cell = tmp_path / "results" / "tiny" / "rtn" / "w4g128"
+    ppl = json.loads((cell / "metrics.json").read_text())["ppl"]
+    weights = cell / "model" / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(data)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    run = snakemake(tmp_path, "--forcerun", "evaluate_packed", config=cfg)  # evaluated again: reads the checkpoint
+    assert run.returncode != 0
+    log = (tmp_path / "results" / "logs" / "evaluate" / "tiny" / "rtn" / "w4g128.log").read_text()
+    assert "results/tiny/rtn/w4g128/model is damaged (model.safetensors: sha256 differs from the seal)" in log
+    row = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index("method").loc["rtn"]
+    assert row["status"] == "failed" and "model.safetensors: sha256 differs" in row["error"]
+    run = snakemake(tmp_path, config=cfg)  # the same command again: quantized anew, evaluated
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert json.loads((cell / "metrics.json").read_text())["ppl"] == pytest.approx(ppl)

@@ -121,13 +121,18 @@ def test_every_cell_scored_the_same_tokens(tiny_run):
         assert {c["backend"] for c in cells} == {"transformers", "llama.cpp"}
 
 
-def test_provenance_records_every_file(tiny_run, tiny_gguf):
+def test_provenance_and_seals_record_every_file(tiny_run, tiny_gguf):
+    from quantbench import io
+
     for model, source in [("tiny-path", "path"), ("tiny-gguf", "gguf")]:
         hf = tiny_run / "resources" / "models" / model / "hf"
-        prov = json.loads((hf / "provenance.json").read_text())
-        assert prov["source"] == source
-        assert set(prov["files"]) == {p.name for p in hf.iterdir()} - {"provenance.json", ".snakemake_timestamp"}
-        assert "model.safetensors" in prov["files"]
+        assert json.loads((hf / "provenance.json").read_text())["source"] == source
+        sealed = json.loads(hf.with_name("hf.seal.json").read_text())["files"]
+        assert set(sealed) == {p.name for p in hf.iterdir()} - {".snakemake_timestamp"}
+        assert sealed["model.safetensors"]["sha256"] == io.sha256_file(hf / "model.safetensors")
+    for artifact in ["results/tiny-path/gguf/F16.gguf", "results/tiny-path/gguf/Q4_K_M/model.gguf",
+                     "results/tiny-path/data/eval_tokens.npy"]:
+        assert (tiny_run / f"{artifact}.seal.json").is_file(), artifact
     prov = json.loads((tiny_run / "resources" / "models" / "tiny-gguf" / "hf" / "provenance.json").read_text())
     from quantbench import io
     assert prov["gguf_sha256"] == io.sha256_file(tiny_gguf)

@@ -1,4 +1,5 @@
-"""`python -m quantbench STAGE ...`: the one entry point the Snakemake rules call."""
+"""`python -m quantbench STAGE ...`: the one entry point the Snakemake rules call. Each stage
+verifies the seals of the artifacts it reads and seals those it writes (seals.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,19 +7,22 @@ import json
 import sys
 from pathlib import Path
 
+from . import seals
 from .methods import KERNELS
 
 
 def _fetch_model(a):
     from . import sources
 
-    sources.fetch(a.name, json.loads(a.spec), a.out, a.cache)
+    with seals.sealing(a.out):
+        sources.fetch(a.name, json.loads(a.spec), a.out, a.cache)
 
 
 def _fetch_converter(a):
     from . import llamacpp
 
-    llamacpp.fetch_converter(a.out)
+    with seals.sealing(a.out):
+        llamacpp.fetch_converter(a.out)
 
 
 def _import_wikitext(a):
@@ -36,25 +40,32 @@ def _fetch_text(a):
 def _tokenize(a):
     from . import textdata
 
-    textdata.tokenize(json.loads(a.text), a.ids, a.meta, hf_dir=a.hf, gguf_file=a.gguf)
+    seals.verify(a.hf or a.gguf)
+    with seals.sealing(a.ids):
+        textdata.tokenize(json.loads(a.text), a.ids, a.meta, hf_dir=a.hf, gguf_file=a.gguf)
 
 
 def _convert(a):
     from . import llamacpp
 
-    llamacpp.convert(a.hf, a.out, a.converter)
+    seals.verify(a.hf, Path(a.converter).parent)
+    with seals.sealing(a.out):
+        llamacpp.convert(a.hf, a.out, a.converter)
 
 
 def _quantize_gguf(a):
     from . import artifacts, io, llamacpp
 
-    info = llamacpp.quantize(a.src, a.dst, a.type, a.threads)
+    seals.verify(a.src)
+    with seals.sealing(a.dst):
+        info = llamacpp.quantize(a.src, a.dst, a.type, a.threads)
     io.write_json(a.info, info | artifacts.gguf_stats(a.dst))  # read once here, not by every evaluation
 
 
 def _evaluate(a):
     from . import evaluate
 
+    seals.verify(a.artifact, a.tokens)
     evaluate.run(a.out, json.loads(a.cell), a.artifact, a.tokens, a.tokens_meta, json.loads(a.eval), a.threads,
                  base_dir=a.base_dir, quantize_info=a.quantize_info, kernel=a.kernel,
                  distributions=a.distributions, write_distributions=a.write_distributions)
@@ -63,13 +74,17 @@ def _evaluate(a):
 def _calibrate(a):
     from . import calibration
 
-    calibration.build(json.loads(a.spec), a.hf, a.eval_ids, a.ids, a.meta)
+    seals.verify(a.hf, a.eval_ids)
+    with seals.sealing(a.ids):
+        calibration.build(json.loads(a.spec), a.hf, a.eval_ids, a.ids, a.meta)
 
 
 def _quantize_packed(a):
     from . import packed
 
-    packed.run(json.loads(a.cell), a.hf, a.calib, a.calib_meta, a.out, a.info, a.threads)
+    seals.verify(a.hf, a.calib)
+    with seals.sealing(a.out):
+        packed.run(json.loads(a.cell), a.hf, a.calib, a.calib_meta, a.out, a.info, a.threads)
 
 
 def _check_config(a):

@@ -40,6 +40,10 @@ METRICS = f"{CELL}/metrics.json"
 # The baseline's next-token distributions, stored once per model; every other cell's KL reads them.
 DISTRIBUTIONS = f"{RESULTS}/{{model}}/baseline/fp16/distributions.npz"
 
+# Artifacts carry seals (seals.py); damaged ones are moved here, never deleted
+SEALED = [RESULTS, f"{RESOURCES}/models", TOOLS]
+DAMAGED = f"{RESULTS}/damaged"
+
 REPORT_DIR = f"{RESULTS}/report"
 REPORT_DONE = f"{REPORT_DIR}/.complete"  # written by the report rule only, last
 

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import calibration, failures, io, paths, published, sources, textdata
+from . import calibration, failures, io, paths, published, seals, sources, textdata
 from .config import cells
 from .methods import METHODS, Family, of_family
 
@@ -135,7 +135,7 @@ class Plan:
             return io.read_json(cell.metrics)
         for step, output, log in self.steps(cell):
             if not Path(output).exists():
-                error = failures.last_error(log)
+                error = seals.damage(output) or failures.last_error(log)
                 status = "failed" if error else "not run"
                 return {**cell.record(), "status": status, "failed_step": step,
                         "error": f"{step}: {error}" if error else f"its {step} job did not run"}

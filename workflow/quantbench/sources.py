@@ -28,7 +28,6 @@ def fetch(name: str, spec: dict, out_dir: str, cache_dir: str) -> None:
         provenance = {"model": name, "source": spec["source"], "spec": spec}
         provenance.update(FETCHERS[spec["source"]](spec, staging, Path(cache_dir)))
         _check_hf_dir(name, staging, spec)
-        provenance["files"] = {p.name: io.sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance["fetched_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         provenance["versions"] = io.versions("transformers", "huggingface_hub", "gguf", "torch")
         io.write_json(staging / "provenance.json", provenance)
