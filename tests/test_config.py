@@ -30,7 +30,7 @@ def test_default_config_expands_to_the_demo_matrix():
     assert {c.model for c in qc.cells(cfg)} == {"smollm2-135m"}
     # defaults from the schema are filled in
     assert cfg["models"]["smollm2-135m"]["allow_pickle"] is False
-    assert cfg["eval"]["batch_size"] == 1
+    assert cfg["eval"]["batch_size"] == "auto"
 
 
 def test_methods_can_be_restricted_to_some_models():

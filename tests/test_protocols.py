@@ -64,11 +64,11 @@ def _ppl(scorer, ids, protocol, batch_size=1):
     return score(scorer, ids, protocol.windows(ids.size), protocol, batch_size)["ppl"]
 
 
-def _distributions(backend, ids, wins, protocol) -> Distributions:
+def _distributions(backend, ids, wins, protocol, model_dir=None) -> Distributions:
     """The baseline's distributions, recorded as its evaluation job records them."""
-    recorder = Recorder(backend.model)
+    recorder = Recorder(backend)
     score(backend, ids, wins, protocol, on_batch=recorder)
-    return recorder.finish()
+    return recorder.finish(model_dir)
 
 
 def test_sliding_seed_equals_the_hugging_face_loop(stream):
@@ -137,9 +137,12 @@ def test_kl_against_the_stored_distributions_is_exact(stream, tiny, tmp_path):
     ids, _, model, base = stream
     protocol = Protocol("gptq", 128, 128, max_windows=8)
     wins = protocol.windows(ids.size)
-    _distributions(base, ids, wins, protocol).save(tmp_path / "distributions.npz")
-    ref = Distributions.load(tmp_path / "distributions.npz")
-    assert ref.hidden.shape == (8 * 127, model.config.hidden_size)
+    inline = _distributions(base, ids, wins, protocol)  # the head kept in the file
+    assert inline.head.shape == (model.config.vocab_size, model.config.hidden_size)
+    _distributions(base, ids, wins, protocol, tiny["hf"]).save(tmp_path / "distributions.npz")
+    ref = Distributions.load(tmp_path / "distributions.npz", tiny["hf"])
+    assert ref.head_ref[0] and ref.hidden.shape == (8 * 127, model.config.hidden_size)  # the head: the checkpoint's
+    assert np.array_equal(ref.head, inline.head)
     same = score(base, ids, wins, protocol, baseline=ref)
     assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agree"] == 1 and same["delta_p_rms"] < 1e-6
 
@@ -166,16 +169,25 @@ def test_kl_against_the_stored_distributions_is_exact(stream, tiny, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_stored_head_reproduces_a_half_precision_model_and_nothing_else(stream, tiny, dtype):
+def test_the_head_reproduces_a_half_precision_model_and_nothing_else(stream, tiny, dtype, tmp_path):
+    """Logits are made from the head inputs by the backend's Head: in fp16/bf16 they must give the
+    model's own log-probabilities, and the distributions are stored in that dtype (2 bytes a value)."""
     from transformers import AutoModelForCausalLM
 
     ids, _, _, _ = stream
-    half = TransformersBackend(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype))
     protocol = Protocol("gptq", 128, 128, max_windows=4)
-    ref = _distributions(half, ids, protocol.windows(ids.size), protocol)  # rounded logits: the check passes
-    ref.logit_scale[0] *= 1.05  # as if the stored head missed a logit scale of the model's forward
+    wins = protocol.windows(ids.size)
+    half = TransformersBackend(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype))
+    _distributions(half, ids, wins, protocol, tiny["hf"]).save(tmp_path / "d.npz")
+    ref = Distributions.load(tmp_path / "d.npz", tiny["hf"])
+    assert str(ref.dtype) == str(dtype).removeprefix("torch.") and ref.hidden.itemsize == ref.head.itemsize == 2
+    same = score(half, ids, wins, protocol, baseline=ref)
+    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agree"] == 1
+
+    wrong = TransformersBackend(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype))
+    wrong.head.scale *= 1.05  # as if the forward applied a logit scale that Head missed
     with pytest.raises(ValueError, match="cannot be recomputed"):
-        ref.check_head(dtype)
+        score(wrong, ids, wins, protocol)
 
 
 def test_distributions_of_other_tokens_are_refused(stream):

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cell", required=True, help="model/method/variant/bits/params, as JSON")
     p.add_argument("--artifact", required=True, help="the cell's GGUF file or Hugging Face directory")
     p.add_argument("--quantize-info", help="quantize.json of the cell (time, calibration, status)")
-    p.add_argument("--base-dir", help="the unquantized HF dir, for bits per weight of a packed checkpoint")
+    p.add_argument("--base-dir", help="the unquantized HF dir of a quantized artifact (its parameters, positions, "
+                   "code and output head)")
     p.add_argument("--kernel", default="auto", choices=KERNELS, help="GPTQModel kernel for a packed checkpoint")
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokens-meta", required=True)

@@ -1,5 +1,5 @@
 """The FP16 baseline's next-token distributions, stored once per model (distributions.npz): every
-other cell's KL divergence, top-1 agreement and Δp are computed against them."""
+other cell's KL divergence, top-1 agreement and Δp are computed against them, on the cell's device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,122 +9,158 @@ import numpy as np
 
 from . import failures, io
 
-ROWS = 512  # scored positions handled at once when comparing distributions (bounds memory)
+
+def _to_numpy(t) -> np.ndarray:
+    """A tensor as numpy; bfloat16, which numpy lacks, as its 16-bit patterns."""
+    import torch
+
+    t = t.detach().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _to_torch(a: np.ndarray, dtype: str):
+    import torch
+
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 @dataclass
 class Distributions:
     """The FP16 baseline's next-token distribution at every scored position, stored exactly and
-    compactly: the hidden state entering the output head (hidden_size floats a token) and the head
-    itself, once. The distributions are recomputed from them, so KL, top-1 agreement and Δp are
-    exact, not a top-k approximation, at 4 * hidden_size + 8 bytes a token."""
+    compactly: the hidden state entering the output head and the head itself, once, both in the
+    compute dtype the baseline ran in. The distributions are recomputed from them with the same
+    matmul, so KL, top-1 agreement and Δp are exact, not a top-k approximation, at
+    hidden_size * (2 bytes in fp16/bf16, 4 in fp32) + 8 bytes a scored token."""
     targets: np.ndarray       # int32 [T]: the scored token ids, to prove both sides scored the same
     target_logp: np.ndarray   # float32 [T]
-    hidden: np.ndarray        # float32 [T, H]: input of the output head at each scored position
-    head: np.ndarray          # float32 [V, H]
-    head_bias: np.ndarray     # float32 [V], or [0] without a bias
+    hidden: np.ndarray        # [T, H] in `dtype`: input of the output head at each scored position
+    head: np.ndarray          # [V, H] in `dtype`
+    head_bias: np.ndarray     # [V], or [0] without a bias
     logit_scale: np.ndarray   # float32 [2]: multiplier, then soft cap (0: none), as the model's forward applies
-
-    @classmethod
-    def head_of(cls, model) -> dict:
-        """The output head and what the model's forward does to its logits (Cohere, Granite, Gemma 2)."""
-        head, cfg = model.get_output_embeddings(), model.config
-        scale = getattr(cfg, "logit_scale", None) or 1 / (getattr(cfg, "logits_scaling", None) or 1)
-        bias = head.bias.detach().float().cpu().numpy() if getattr(head, "bias", None) is not None else np.zeros(0, np.float32)
-        return {"head": head.weight.detach().float().cpu().numpy(), "head_bias": bias,
-                "logit_scale": np.array([scale, getattr(cfg, "final_logit_softcapping", None) or 0], np.float32)}
+    dtype: np.ndarray         # str []: the compute dtype (float32, float16, bfloat16)
+    head_ref: np.ndarray      # str [2]: the head's tensor in the model's safetensors and the sha256 of its bytes
+                              # in `dtype`, when it is stored there and not here (`head` then empty); else ''
 
     @classmethod
     def empty(cls) -> Distributions:
         z = np.zeros(0, np.float32)
-        return cls(np.zeros(0, np.int32), z, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), z, z)
+        return cls(np.zeros(0, np.int32), z, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), z, z,
+                   np.array("float32"), np.array(["", ""]))
 
     def save(self, path: str) -> None:
         with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{f: getattr(self, f) for f in self.__dataclass_fields__})
 
     @classmethod
-    def load(cls, path: str) -> Distributions:
-        """The stored distributions. A file that cannot be read whole is removed, so that the next run
-        recomputes it, and the job fails naming it: it is never compared with."""
+    def load(cls, path: str, model_dir: str) -> Distributions:
+        """The stored distributions, with the head from `model_dir` (the unquantized model) where it
+        was stored there. A file that cannot be read whole is removed, so that the next run recomputes
+        it, and the job fails naming it: it is never compared with."""
         try:
             with np.load(path) as z:
-                return cls(*(z[f] for f in cls.__dataclass_fields__))
+                kept = cls(*(z[f] for f in cls.__dataclass_fields__))
         except Exception as exc:  # noqa: BLE001 - zip, pickle and shape errors alike mean a damaged file
             Path(path).unlink(missing_ok=True)
             raise failures.Damaged(f"{path} is damaged ({type(exc).__name__}: {exc}); it was removed: run again "
                                    "to recompute the FP16 baseline and the cells compared with it") from exc
+        name, digest = (str(x) for x in kept.head_ref)
+        if name:
+            head = _checkpoint_tensor(model_dir, name, str(kept.dtype))
+            if head is None or io.sha256_bytes(head.tobytes()) != digest:
+                raise failures.Damaged(f"the output head {name!r} of {model_dir} is not the one the FP16 baseline "
+                                       f"ran with ({path}): run the baseline again")
+            kept.head = head
+        return kept
 
-    def logits(self, rows: slice):
-        """The baseline's logits at scored positions `rows`, [n, V] float32."""
+    @property
+    def bytes_per_token(self) -> int:
+        return self.hidden.shape[1] * self.hidden.itemsize + 8
+
+    def head_on(self, device):
+        """The stored head as a backends.Head on `device` (moved there once)."""
+        from .backends import Head
+
+        if getattr(self, "_head", None) is None or self._head.weight.device != device:
+            dtype = str(self.dtype)
+            bias = _to_torch(self.head_bias, dtype).to(device) if self.head_bias.size else None
+            scale, softcap = (float(x) for x in self.logit_scale)
+            self._head = Head(_to_torch(self.head, dtype).to(device), bias, scale, softcap)
+        return self._head
+
+    def logprobs(self, rows: slice, device):
+        """The baseline's log-probabilities at scored positions `rows`, [n, V] float32 on `device`."""
         import torch
 
-        logits = torch.from_numpy(self.hidden[rows]) @ torch.from_numpy(self.head).T
-        if self.head_bias.size:
-            logits += torch.from_numpy(self.head_bias)
-        scale, softcap = (float(x) for x in self.logit_scale)
-        logits = logits * scale
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        return logits
+        hidden = _to_torch(self.hidden[rows], str(self.dtype)).to(device, non_blocking=True)
+        return torch.log_softmax(self.head_on(device)(hidden), -1, dtype=torch.float32)
 
-    def check_head(self, dtype) -> None:
-        """The stored head must reproduce the model's own log-probabilities. It recomputes the logits
-        in fp32; the model rounded them to its compute dtype, which moves a log-probability by up to
-        eps * max|logit| of its row (fp16/bf16 on a GPU); twice that is allowed, for margin."""
-        import torch
-
-        rows = slice(0, min(ROWS, len(self.targets)))
-        logits = self.logits(rows)
-        ids = torch.from_numpy(self.targets[rows].astype(np.int64))[:, None]
-        got = torch.log_softmax(logits, -1).gather(1, ids)[:, 0]
-        want = torch.from_numpy(self.target_logp[rows])
-        error = (got - want).abs()
-        if (error > 1e-3 + 1e-4 * want.abs() + 2 * torch.finfo(dtype).eps * logits.abs().amax(-1)).any():
-            raise ValueError(f"the model's output head cannot be recomputed from its hidden states and weights: "
-                             f"log-probabilities differ by up to {float(error.max()):.3g} ({dtype} logits)")
-
-    def logprobs(self, rows: slice):
-        """The baseline's log-probabilities at scored positions `rows`, [n, V] float32."""
-        import torch
-
-        return torch.log_softmax(self.logits(rows), dim=-1)
-
-    def compare(self, logprobs: np.ndarray, targets: np.ndarray, target_logp: np.ndarray,
-                offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per scored token of one window: KL(baseline || cell), whether the top-1 tokens agree, and
-        Δp of the target (cell minus baseline), for the baseline's rows [offset, offset + len(targets))."""
+    def compare(self, logprobs, targets: np.ndarray, target_logp, offset: int):
+        """Per scored token of a chunk: KL(baseline || cell), whether the top-1 tokens agree, and Δp
+        of the target (cell minus baseline), for the baseline's rows [offset, offset + len(targets)).
+        `logprobs` [n, V] and `target_logp` [n] are the cell's, float32 on its device; the results stay
+        there. KL's terms are float32, summed in float64."""
         import torch
 
         rows = slice(offset, offset + len(targets))
         if not np.array_equal(self.targets[rows], targets):
             raise ValueError("the FP16 baseline scored other tokens: its distributions were made for another protocol or text")
-        kl, top1 = [], []
-        for i in range(0, len(targets), ROWS):
-            lp = torch.from_numpy(logprobs[i:i + ROWS])
-            p = self.logprobs(slice(offset + i, offset + i + len(lp))).double()
-            kl.append((p.exp() * (p - lp.double())).sum(-1).numpy())
-            top1.append((lp.argmax(-1) == p.argmax(-1)).numpy())
-        delta_p = np.exp(target_logp) - np.exp(self.target_logp[rows].astype(np.float64))
-        return np.concatenate(kl), np.concatenate(top1), delta_p
+        p = self.logprobs(rows, logprobs.device)
+        top1 = logprobs.argmax(-1) == p.argmax(-1)
+        kl = torch.nn.functional.kl_div(logprobs, p, reduction="none", log_target=True).sum(-1, dtype=torch.float64)
+        baseline_logp = torch.from_numpy(self.target_logp[rows]).to(logprobs.device)
+        delta_p = target_logp.double().exp() - baseline_logp.double().exp()
+        return kl, top1, delta_p
 
 
 class Recorder:
     """Collects the baseline's distributions while the scoring loop runs it: after each batch
-    (`on_batch`), the hidden states that entered the output head at the scored positions."""
+    (`on_batch`), the head inputs at the scored positions, in the compute dtype, copied to the
+    host while the next batch runs."""
 
-    def __init__(self, model):
-        self.model, self.head_input, self.parts = model, None, []
-        self.hook = model.get_output_embeddings().register_forward_pre_hook(
-            lambda _, args: setattr(self, "head_input", args[0]))
+    def __init__(self, backend):
+        self.model, self.head, self.parts = backend.model, backend.head, []
 
-    def __call__(self, targets: np.ndarray, target_logp: np.ndarray) -> None:
-        self.parts.append((targets.reshape(-1).astype(np.int32), target_logp.reshape(-1).astype(np.float32),
-                           self.head_input.reshape(targets.size, -1).float().cpu().numpy()))
+    def __call__(self, targets: np.ndarray, target_logp: np.ndarray, logits) -> None:
+        import torch
 
-    def finish(self) -> Distributions:
-        """The distributions, once the stored head is shown to reproduce the model's own log-probabilities."""
-        self.hook.remove()
-        kept = Distributions(*(np.concatenate(x) for x in zip(*self.parts)), **Distributions.head_of(self.model))
-        kept.check_head(self.model.dtype)
-        return kept
+        hidden = logits.hidden.to(self.head.weight.dtype)
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+        host.copy_(hidden, non_blocking=True)
+        self.parts.append((targets.reshape(-1).astype(np.int32), target_logp.reshape(-1).astype(np.float32), host))
+
+    def finish(self, model_dir: str | None = None) -> Distributions:
+        """The distributions. Where `model_dir`'s safetensors hold the head exactly as the baseline ran
+        it, only its name and sha256 are kept (an 8B model's head is 1 GB in bf16)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the last copies to the host
+        head = self.head
+        dtype = str(head.weight.dtype).removeprefix("torch.")
+        weight, ref = _to_numpy(head.weight), np.array(["", ""])
+        name = next((n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight), None)
+        stored = _checkpoint_tensor(model_dir, name, dtype) if model_dir and name else None
+        if stored is not None and np.array_equal(stored, weight):
+            weight, ref = np.zeros((0, 0), weight.dtype), np.array([name, io.sha256_bytes(stored.tobytes())])
+        bias = _to_numpy(head.bias.to(head.weight.dtype)) if head.bias is not None else np.zeros(0, np.float32)
+        targets, target_logp, hidden = zip(*self.parts)
+        return Distributions(np.concatenate(targets), np.concatenate(target_logp),
+                             np.concatenate([_to_numpy(h) for h in hidden]), weight, bias,
+                             np.array([head.scale, head.softcap], np.float32), np.array(dtype), ref)
+
+
+def _checkpoint_tensor(model_dir: str, name: str, dtype: str) -> np.ndarray | None:
+    """Tensor `name` of a Hugging Face directory's safetensors in `dtype` (as stored by _to_numpy), or None."""
+    import torch
+    from safetensors import safe_open
+
+    index = Path(model_dir) / "model.safetensors.index.json"
+    files = [Path(model_dir) / io.read_json(index)["weight_map"].get(name, "")] if index.is_file() \
+        else sorted(Path(model_dir).glob("*.safetensors"))
+    for file in files:
+        if file.is_file():
+            with safe_open(str(file), "pt") as f:
+                if name in f.keys():
+                    return _to_numpy(f.get_tensor(name).to(getattr(torch, dtype)))
+    return None

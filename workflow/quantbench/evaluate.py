@@ -43,16 +43,16 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
     try:
         record |= artifacts.measure(method, artifact, base_dir, quantize_info)
         _check_positions(base_dir or artifact, protocol.context)
-        baseline = Distributions.load(distributions) if distributions else None
+        baseline = Distributions.load(distributions, base_dir or artifact) if distributions else None
         if baseline is not None and baseline.targets.size == 0:
             baseline = None
             record["kl_error"] = "the FP16 baseline did not run, so there are no distributions to compare with"
         trust = trusts_remote_code(base_dir or artifact)  # a packed checkpoint runs its base model's code
         backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust)
-        recorder = Recorder(backend.model) if write_distributions else None
-        record |= score(backend, tokens, wins, protocol, eval_spec.get("batch_size", 1),
-                        meta["tokenizer"]["bos_token_id"], baseline, recorder, threads)
-        kept = recorder.finish() if recorder else None
+        recorder = Recorder(backend) if write_distributions else None
+        record |= score(backend, tokens, wins, protocol, eval_spec["batch_size"], meta["tokenizer"]["bos_token_id"],
+                        baseline, recorder)
+        kept = recorder.finish(artifact) if recorder else None
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": backend.peak_vram_mb(), **backend.info()}
         if method.counted is Bits.IN_MEMORY:
             record["bits_per_weight"] = artifacts.in_memory(record["weight_memory_mb"], record["n_params"])
@@ -72,8 +72,8 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
         if kept.targets.size:
             n = kept.targets.size  # the baseline's distances from itself, by definition
             record |= distances(np.zeros(n), np.ones(n, bool), np.zeros(n)) | {"distributions": {
-                "bytes": Path(write_distributions).stat().st_size, "bytes_per_token": 4 * kept.hidden.shape[1] + 8,
-                "head_bytes": kept.head.nbytes + kept.head_bias.nbytes}}
+                "bytes": Path(write_distributions).stat().st_size, "bytes_per_token": kept.bytes_per_token,
+                "dtype": str(kept.dtype), "head_bytes": kept.head.nbytes + kept.head_bias.nbytes}}
     return record
 
 

@@ -56,6 +56,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def verify_sha256(path: str | os.PathLike, expected: str, pinned_by: str) -> str:
     """The file's sha256, which must be the pinned one: a download that differs is refused before use."""
     digest = sha256_file(path)

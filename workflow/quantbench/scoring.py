@@ -2,97 +2,123 @@
 the distances from the FP16 baseline's distributions, and what it cost.
 
 It asks a backend (backends/) only for logits at the scored positions, so every backend scores
-the same ids in the same windows.
+the same ids in the same windows; the logits stay on the backend's device.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .distributions import Distributions
 from .protocols import Protocol, Window
 
-SOFTMAX_ROWS = 64  # rows a thread normalizes at once: their exponentials stay in cache
-
-
-def _batches(wins: list[Window], batch_size: int):
-    """Consecutive windows of one shape, at most batch_size at a time."""
-    group: list[Window] = []
-    for w in wins:
-        if group and (len(group) == batch_size or _shape(w) != _shape(group[0])):
-            yield group
-            group = []
-        group.append(w)
-    if group:
-        yield group
+AUTO_FIRST_TOKENS = 1 << 18  # `batch_size: auto` tries this many tokens a batch first, then halves until it fits
+PROGRESS_EVERY_S = 30
 
 
 def _shape(w: Window) -> tuple:
     return w.end - w.start, w.n_scored, w.bos
 
 
-def score(backend, tokens: np.ndarray, wins: list[Window], protocol: Protocol, batch_size: int = 1,
+def _group(wins: list[Window], start: int, size: int) -> list[Window]:
+    """Up to `size` consecutive windows of one shape from wins[start]."""
+    group = wins[start:start + size]
+    same = next((i for i, w in enumerate(group) if _shape(w) != _shape(group[0])), len(group))
+    return group[:same]
+
+
+class Progress:
+    """Done / total, tokens/s and ETA in the job's log, at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, total: int, what: str = "tokens scored"):
+        self.total, self.what, self.t0 = total, what, time.perf_counter()
+        self.last = self.t0
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY_S and done < self.total:
+            return
+        self.last, rate = now, done / max(now - self.t0, 1e-9)
+        print(f"{done}/{self.total} {self.what} ({done / self.total:.0%}), {rate:,.0f}/s, "
+              f"ETA {(self.total - done) / max(rate, 1e-9):.0f} s", file=sys.stderr, flush=True)
+
+
+def score(backend, tokens: np.ndarray, wins: list[Window], protocol: Protocol, batch_size: int | str = 1,
           bos_id: int | None = None, baseline: Distributions | None = None,
-          on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None, threads: int = 1) -> dict:
+          on_batch: Callable | None = None) -> dict:
     """Score `wins` of `tokens` with `backend`: perplexity and costs, and the distances from the
-    `baseline` distributions when given. `on_batch(targets, target_logp)` sees every batch (the
-    baseline records its distributions through it)."""
-    nlls, kl, top1, delta_p = [], [], [], []
-    offset = fed = 0
+    `baseline` distributions when given. Logits stay on the backend's device, normalized a chunk
+    of rows at a time; only per-token scalars reach the host. `on_batch(targets, target_logp,
+    logits)` sees every batch (the baseline records its distributions through it). With
+    `batch_size: auto` on a GPU, the largest batch that fits is found by halving from
+    AUTO_FIRST_TOKENS on running out of memory."""
+    import torch
+
+    nlls, dists = [], []
+    offset = fed = done = i = 0
+    auto = batch_size == "auto"
+    if backend.windows_per_batch:  # llama.cpp batches as llama-perplexity does
+        size, auto = backend.windows_per_batch, False
+    elif auto:
+        auto = getattr(backend, "device", "cpu") == "cuda"
+        size = max(1, AUTO_FIRST_TOKENS // max(w.end - w.start for w in wins)) if auto else 1
+    else:
+        size = batch_size
+    progress = Progress(sum(w.n_scored for w in wins))
     t0 = time.perf_counter()
-    batch_size = backend.windows_per_batch or batch_size  # llama.cpp batches as llama-perplexity does
-    with ThreadPoolExecutor(threads) as pool:
-        for group in _batches(wins, batch_size):
-            n = group[0].n_scored
-            ids = np.stack([tokens[w.start:w.end] for w in group]).astype(np.int64)
-            if group[0].bos:
-                ids[:, 0] = bos_id
-            logits = backend.logits(ids, n)  # [B, n, vocab] float32, ours to overwrite
-            targets = ids[:, -n:]
-            target_logp = log_softmax(logits, targets, pool, full=baseline is not None)
-            nlls += list(-target_logp)
-            if baseline is not None:
-                for b in range(len(group)):
-                    values = baseline.compare(logits[b], targets[b], target_logp[b], offset + b * n)
-                    for acc, value in zip((kl, top1, delta_p), values):
-                        acc.append(value)
-            if on_batch is not None:
-                on_batch(targets, target_logp)
-            offset += targets.size
-            fed += ids.size
+    while i < len(wins):
+        group = _group(wins, i, size)
+        n = group[0].n_scored
+        ids = np.stack([tokens[w.start:w.end] for w in group]).astype(np.int64)
+        if group[0].bos:
+            ids[:, 0] = bos_id
+        try:
+            logits = backend.logits(ids, n)
+            target_logp, dist = _score_rows(logits, ids[:, -n:].reshape(-1), baseline, offset)
+        except torch.OutOfMemoryError:
+            if not auto or size == 1:
+                raise
+            size = len(group) // 2
+            torch.cuda.empty_cache()
+            continue
+        auto = False  # a batch that fits once fits every time: later shapes are no larger
+        nlls += list(-target_logp.reshape(len(group), n))
+        dists.append(dist)
+        if on_batch is not None:
+            on_batch(ids[:, -n:], target_logp.reshape(len(group), n), logits)
+        i, offset, fed, done = i + len(group), offset + target_logp.size, fed + ids.size, done + target_logp.size
+        progress(done)
     eval_s = time.perf_counter() - t0
     if baseline is not None and offset != baseline.targets.size:
         raise ValueError(f"the FP16 baseline's distributions have {baseline.targets.size} scored tokens, "
                          f"this cell {offset}")
     record = _perplexity(nlls, protocol.window_mean) | {
-        "eval_s": eval_s, "eval_tokens_fed": fed, "eval_tokens_per_s": fed / eval_s}
+        "eval_s": eval_s, "eval_tokens_fed": fed, "eval_tokens_per_s": fed / eval_s, "batch_size": size}
     if baseline is not None:
-        record |= distances(np.concatenate(kl), np.concatenate(top1), np.concatenate(delta_p))
+        record |= distances(*(np.concatenate(x) for x in zip(*dists)))
     return record
 
 
-def log_softmax(logits: np.ndarray, targets: np.ndarray, pool: ThreadPoolExecutor, full: bool) -> np.ndarray:
-    """The targets' log-probabilities [B, n] (float64) from logits [B, n, V], computed as llama-perplexity
-    does: float exponentials summed in double. Rows are split over the pool's threads (numpy releases the
-    GIL); with `full`, logits are turned into log-probabilities in place (for the KL comparison)."""
-    out = np.empty(targets.shape)
+def _score_rows(logits, targets: np.ndarray, baseline: Distributions | None, offset: int):
+    """The targets' log-probabilities (float64 on the host) and, with a baseline, the per-token
+    distances, a chunk of rows at a time where the logits are: one fused log-softmax a chunk,
+    accumulated in float32 from the logits' own dtype."""
+    import torch
 
-    def rows(b: int, r: slice) -> None:
-        x = logits[b, r]
-        x -= x.max(-1, keepdims=True)
-        log_norm = np.log(np.exp(x).sum(-1, dtype=np.float64))
-        out[b, r] = np.take_along_axis(x, targets[b, r, None], -1)[:, 0] - log_norm
-        if full:
-            x -= log_norm.astype(np.float32)[:, None]
-
-    n = targets.shape[1]
-    jobs = [(b, slice(i, i + SOFTMAX_ROWS)) for b in range(len(targets)) for i in range(0, n, SOFTMAX_ROWS)]
-    list(pool.map(lambda job: rows(*job), jobs))
-    return out
+    t = torch.from_numpy(targets).to(logits.device)
+    target_logp = torch.empty(t.numel(), dtype=torch.float32, device=logits.device)
+    dist = []
+    for start in range(0, t.numel(), logits.chunk_rows):
+        r = slice(start, start + logits.chunk_rows)
+        logprobs = torch.log_softmax(logits.rows(r), -1, dtype=torch.float32)
+        target_logp[r] = logprobs.gather(1, t[r, None])[:, 0]
+        if baseline is not None:
+            dist.append(baseline.compare(logprobs, targets[r], target_logp[r], offset + start))
+    return target_logp.double().cpu().numpy(), tuple(torch.cat(d).cpu().numpy() for d in zip(*dist)) if dist else None
 
 
 def _perplexity(nlls: list[np.ndarray], window_mean: bool) -> dict:

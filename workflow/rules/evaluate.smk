@@ -37,6 +37,7 @@ rule evaluate_gguf:
     input:
         gguf=rules.quantize_gguf.output.gguf,
         info=rules.quantize_gguf.output.info,
+        hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
         distributions=paths.DISTRIBUTIONS,
@@ -60,7 +61,7 @@ rule evaluate_gguf:
         eval=PLAN.eval_settings,
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.gguf} --quantize-info {input.info} "
-        "--tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
+        "--base-dir {input.hf} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
         "--distributions {input.distributions} --threads {threads} --out {output} > {log} 2>&1"
 
 

@@ -5,13 +5,87 @@ A backend is one module here behind the interface below, written down once; the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+CHUNK_ELEMENTS = 1 << 26  # logits normalized at once on a GPU (256 MB in fp32): memory bounded for any vocabulary
+CPU_CHUNK_ROWS = 64  # on a CPU, rows whose exponentials stay in cache
+
 
 class Skipped(Exception):
     """A cell that cannot run on this machine (a CUDA-only method or kernel without CUDA)."""
+
+
+@dataclass
+class Head:
+    """An output head as the model's forward applies it: weight [V, H] (and bias) in the compute dtype,
+    then a logit multiplier and soft cap (Cohere, Granite, Gemma 2)."""
+    weight: object  # torch.Tensor
+    bias: object | None = None
+    scale: float = 1.0
+    softcap: float = 0.0
+
+    @classmethod
+    def of(cls, model) -> Head:
+        head, cfg = model.get_output_embeddings(), model.config
+        scale = getattr(cfg, "logit_scale", None) or 1 / (getattr(cfg, "logits_scaling", None) or 1)
+        return cls(head.weight.detach(), getattr(head, "bias", None), float(scale),
+                   float(getattr(cfg, "final_logit_softcapping", None) or 0))
+
+    def __call__(self, hidden):
+        """Logits [n, V] from head inputs [n, H], in the compute dtype, as the model's forward makes them."""
+        import torch
+
+        logits = torch.nn.functional.linear(hidden.to(self.weight.device, self.weight.dtype), self.weight, self.bias)
+        if self.scale != 1:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+class Logits:
+    """A batch's logits at the scored positions, handed out a chunk of rows at a time as torch tensors
+    on the backend's device, in the dtype the model made them: only per-token scalars leave it."""
+    n_rows: int
+    device: object  # torch.device
+    hidden = None  # head inputs [n_rows, H] in the compute dtype, where the backend has them (the baseline records them)
+
+    def rows(self, r: slice):
+        raise NotImplementedError
+
+    @property
+    def chunk_rows(self) -> int:
+        return CPU_CHUNK_ROWS if self.device.type == "cpu" else max(1, CHUNK_ELEMENTS // self.vocab)
+
+
+class HostLogits(Logits):
+    """Logits the backend made on the host (llama.cpp): [B, n + 1, V] float32, whose last row of each
+    window predicts nothing."""
+
+    def __init__(self, array: np.ndarray):
+        import torch
+
+        n_seq, n_out, self.vocab = array.shape
+        self.array = torch.from_numpy(array.reshape(-1, self.vocab))
+        self.index = (torch.arange(n_seq)[:, None] * n_out + torch.arange(n_out - 1)).reshape(-1)
+        self.n_rows, self.device = self.index.numel(), self.array.device
+
+    def rows(self, r: slice):
+        return self.array[self.index[r]]
+
+
+class HeadLogits(Logits):
+    """Head inputs [n, H] and the head: logits are made a chunk of rows at a time where they live."""
+
+    def __init__(self, hidden, head: Head):
+        self.hidden, self.head = hidden, head
+        self.n_rows, self.vocab, self.device = hidden.shape[0], head.weight.shape[0], hidden.device
+
+    def rows(self, r: slice):
+        return self.head(self.hidden[r])
 
 
 class Backend(Protocol):
@@ -19,9 +93,9 @@ class Backend(Protocol):
     """Windows decoded at once when the backend must batch as its upstream tool does (llama.cpp), else
     None: `eval.batch_size` decides."""
 
-    def logits(self, ids: np.ndarray, n_scored: int) -> np.ndarray:
-        """Logits predicting the last n_scored tokens of each row of ids [B, L]: [B, n_scored, vocab]
-        float32 on the host, the caller's to overwrite, valid until the next call."""
+    def logits(self, ids: np.ndarray, n_scored: int) -> Logits:
+        """Logits predicting the last n_scored tokens of each row of ids [B, L], B * n_scored rows, valid
+        until the next call."""
 
     def info(self) -> dict:
         """backend, device, compute_dtype, and where known kernel and weight_memory_mb (for metrics.json)."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import HostLogits
+
 
 class LlamaCppBackend:
     """A GGUF model in llama.cpp, fed token ids directly (no llama.cpp tokenization), decoding as
@@ -41,7 +43,7 @@ class LlamaCppBackend:
     def info(self) -> dict:
         return {"backend": "llama.cpp", "device": "cuda" if self.gpu else "cpu", "compute_dtype": "gguf"}
 
-    def logits(self, ids: np.ndarray, n_scored: int) -> np.ndarray:
+    def logits(self, ids: np.ndarray, n_scored: int) -> HostLogits:
         """Logits predicting the last n_scored tokens of each window (rows of ids, one sequence each),
         [B, n_scored, vocab] float32: a view of llama.cpp's output buffer, valid until the next call."""
         L, (n_seq, n) = self.L, ids.shape
@@ -67,7 +69,7 @@ class LlamaCppBackend:
                 logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
                 out.append(logits if start + size == n else logits.copy())  # the next decode overwrites it
         logits = out[0] if len(out) == 1 else np.concatenate(out)
-        return logits.reshape(n_seq, n_scored + 1, self.n_vocab)[:, :-1]
+        return HostLogits(logits.reshape(n_seq, n_scored + 1, self.n_vocab))
 
     def peak_vram_mb(self) -> float | None:
         return None

@@ -6,10 +6,22 @@ import importlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import io
 from ..methods import Family
-from . import Skipped
+from . import Head, HeadLogits, Skipped
+
+
+class _HeadInput(torch.nn.Module):
+    """Stands in for the output head during a forward: keeps its input, returns a one-wide stand-in
+    for the logits (what the forward does to them next costs nothing)."""
+
+    hidden = None
+
+    def forward(self, hidden):
+        self.hidden = hidden
+        return hidden[..., :1]
 
 
 class TransformersBackend:
@@ -24,13 +36,14 @@ class TransformersBackend:
         self.dtype = model.dtype
         self.backend = backend
         self.weight_bytes = model.get_memory_footprint()
+        self.head = Head.of(model)
+        self.head_checked = False
 
     @classmethod
     def load(cls, method, params: dict, model_dir: str, threads: int, kernel: str = "auto",
              trust_remote_code: bool = False) -> TransformersBackend:
         """A cell of `method` (a methods.Method) from a Hugging Face directory: the model itself (baseline),
         a packed checkpoint evaluated by `kernel`, or the model quantized while loading."""
-        import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
@@ -54,8 +67,6 @@ class TransformersBackend:
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}")
 
     def info(self) -> dict:
-        import torch
-
         return {
             "backend": self.backend,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
@@ -64,18 +75,40 @@ class TransformersBackend:
             "weight_memory_mb": self.weight_bytes / 2**20,
         }
 
-    def logits(self, ids: np.ndarray, n_scored: int) -> np.ndarray:
-        import torch
-
+    def logits(self, ids: np.ndarray, n_scored: int) -> HeadLogits:
+        """The head inputs at the scored positions, on the model's device: the forward runs with the
+        output head taken out, so full-vocabulary logits are never made for the whole batch."""
         length = ids.shape[1]
         with torch.inference_mode():
             batch = torch.from_numpy(ids).to(self.device)
+            if not self.head_checked:
+                self.check_head(batch[:1], n_scored)
             keep = torch.arange(length - n_scored - 1, length - 1, device=self.device)
-            return self.model(input_ids=batch, logits_to_keep=keep).logits.float().cpu().numpy()
+            real, capture = self.model.get_output_embeddings(), _HeadInput()
+            self.model.set_output_embeddings(capture)
+            try:
+                self.model(input_ids=batch, logits_to_keep=keep, use_cache=False)
+            finally:
+                self.model.set_output_embeddings(real)
+            return HeadLogits(capture.hidden.reshape(-1, capture.hidden.shape[-1]), self.head)
+
+    def check_head(self, window, n_scored: int) -> None:
+        """The head applied to the captured inputs must give the model's own log-probabilities: a forward
+        that does more to its logits than Head knows of is refused, never scored. The two may round
+        differently in the compute dtype, by up to eps * max|logit| of a row; twice that is allowed."""
+        length = window.shape[1]
+        keep = torch.arange(length - n_scored - 1, length - 1, device=self.device)
+        want = torch.log_softmax(self.model(input_ids=window, logits_to_keep=keep, use_cache=False).logits[0].float(), -1)
+        self.head_checked = True
+        logits = self.logits(window.cpu().numpy(), n_scored).rows(slice(None)).float()
+        got = torch.log_softmax(logits, -1)
+        error = (got - want).abs().amax(-1)
+        if (error > 1e-3 + 1e-4 * want.abs().amax(-1) + 2 * torch.finfo(self.dtype).eps * logits.abs().amax(-1)).any():
+            self.head_checked = False
+            raise ValueError(f"the model's output head cannot be recomputed from its inputs and weights: "
+                             f"log-probabilities differ by up to {float(error.max()):.3g} ({self.dtype} logits)")
 
     def peak_vram_mb(self) -> float | None:
-        import torch
-
         return torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
 
     def close(self) -> None:
