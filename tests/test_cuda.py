@@ -66,3 +66,46 @@ def test_eetq_runs_or_names_what_it_lacks(cuda_run):
     else:  # its kernel comes from the Hub, or from KERNELS_CACHE offline
         assert eetq["status"] == "ok", eetq["error"]
         assert eetq["device"] == torch.cuda.get_device_name() and math.isfinite(eetq["ppl"])
+
+
+def test_scoring_on_the_gpu_equals_the_cpu_and_its_kl_is_exact(tiny, tmp_path):
+    """The device path: perplexity in fp32 equals the CPU's; a bf16 cell's KL from the fp32 baseline's
+    stored distributions, computed a chunk at a time on the GPU with float32 terms, equals the KL
+    of both models' full distributions in double; `auto` takes every window at once here."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from quantbench import textdata
+    from quantbench.backends.transformers import TransformersBackend
+    from quantbench.distributions import Distributions, Recorder
+    from quantbench.protocols import Protocol
+    from quantbench.scoring import score
+
+    described = textdata.describe_text({"text_file": str(tiny["text"])}, str(tmp_path))
+    textdata.tokenize(described, tmp_path / "ids.npy", tmp_path / "meta.json", hf_dir=str(tiny["hf"]))
+    ids = np.load(tmp_path / "ids.npy")
+    protocol = Protocol("gptq", 128, 128)
+    wins = protocol.windows(ids.size)
+
+    def load(dtype, device):
+        return TransformersBackend(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype).to(device))
+
+    cpu, gpu, half = load(torch.float32, "cpu"), load(torch.float32, "cuda"), load(torch.bfloat16, "cuda")
+    recorder = Recorder(gpu)
+    base = score(gpu, ids, wins, protocol, "auto", on_batch=recorder)
+    assert base["batch_size"] == len(wins)
+    assert base["ppl"] == pytest.approx(score(cpu, ids, wins, protocol, 8)["ppl"], rel=1e-5)
+    recorder.finish(str(tiny["hf"])).save(tmp_path / "d.npz")
+    got = score(half, ids, wins, protocol, "auto", baseline=Distributions.load(tmp_path / "d.npz", str(tiny["hf"])))
+
+    kl = []
+    with torch.inference_mode():
+        for w in wins:
+            window = torch.from_numpy(ids[w.start:w.end].astype(np.int64))[None].cuda()
+            p = torch.log_softmax(gpu.model(window).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(half.model(window).logits[0, :-1].double(), -1)
+            kl.append((p.exp() * (p - q)).sum(-1))
+    kl = torch.cat(kl)
+    assert kl.mean().item() > 1e-5  # bf16 moves the distributions: the comparison is not vacuous
+    assert got["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-3)
+    assert got["kl_max"] == pytest.approx(kl.max().item(), rel=1e-2)

@@ -190,6 +190,48 @@ def test_the_head_reproduces_a_half_precision_model_and_nothing_else(stream, tin
         score(wrong, ids, wins, protocol)
 
 
+def test_chunks_of_rows_change_no_number(stream, monkeypatch):
+    """Logits are normalized and compared a chunk of rows at a time (memory bounded for any
+    vocabulary): chunks of 7 rows give the numbers of chunks of 64."""
+    from quantbench import backends
+
+    ids, _, _, base = stream
+    protocol = Protocol("gptq", 128, 128, max_windows=4)
+    wins = protocol.windows(ids.size)
+    ref = _distributions(base, ids, wins, protocol)
+    want = score(base, ids, wins, protocol, 2, baseline=ref)
+    monkeypatch.setattr(backends, "CPU_CHUNK_ROWS", 7)
+    got = score(base, ids, wins, protocol, 2, baseline=ref)
+    for key in ("ppl", "kl_mean", "kl_max", "top1_agree", "delta_p_rms"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key  # the head matmul rounds by its shape
+
+
+class _FitsThreeWindows:
+    """A GPU that runs out of memory above three windows a batch."""
+    windows_per_batch, device = None, "cuda"
+
+    def __init__(self, backend):
+        self.backend, self.batches = backend, []
+
+    def logits(self, ids, n_scored):
+        self.batches.append(len(ids))
+        if len(ids) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.backend.logits(ids, n_scored)
+
+
+def test_auto_batch_size_halves_until_a_batch_fits(stream):
+    ids, _, _, base = stream
+    protocol = Protocol("gptq", 128, 128, max_windows=8)
+    wins = protocol.windows(ids.size)
+    gpu = _FitsThreeWindows(base)
+    got = score(gpu, ids, wins, protocol, "auto")
+    assert gpu.batches == [8, 4, 2, 2, 2, 2] and got["batch_size"] == 2  # tried all, then halves, then keeps 2
+    assert got["ppl"] == pytest.approx(score(base, ids, wins, protocol, 1)["ppl"], rel=1e-9)
+    with pytest.raises(torch.OutOfMemoryError):  # a fixed batch size is the user's: never changed
+        score(_FitsThreeWindows(base), ids, wins, protocol, 4)
+
+
 def test_distributions_of_other_tokens_are_refused(stream):
     ids, _, _, base = stream
     protocol = Protocol("gptq", 128, 128, max_windows=2)
