@@ -1,7 +1,7 @@
 """GPU bench: quantbench's evaluation engine on one GPU, beside a plain batched loop and the bf16
 matmul peak measured in the same run.
 
-    python bench/gpu.py [--tokens 290000] [--shapes smollm2-135m llama3-8b] [--json out.json]
+    python bench/gpu.py [--tokens 290000] [--shapes smollm2-135m llama3-8b] [--split] [--json out.json]
 
 Models are built on the GPU with random weights in bf16 (speed does not depend on the values) in
 the shapes of SmolLM2-135M and Llama-3-8B, and score a random token stream of WikiText-2's length.
@@ -163,10 +163,38 @@ def bench_shape(shape: str, n_tokens: int, peak: float, workdir: Path) -> list[d
     return rows
 
 
+def bench_split(shape: str, n_tokens: int, workdir: Path) -> dict:
+    """The model saved, then loaded as the evaluation job loads it, on one GPU and spread over two
+    (`models.<m>.gpus: 2`): the same perplexity both ways."""
+    from quantbench.methods import BASELINE
+
+    build(shape).save_pretrained(workdir / shape)
+    torch.cuda.empty_cache()
+    ids = np.random.default_rng(0).integers(0, SHAPES[shape]["vocab_size"], n_tokens).astype(np.int32)
+    protocol = Protocol("gptq", 2048, 2048)
+    wins = protocol.windows(ids.size)
+    def on(gpus: int) -> dict:
+        backend = TransformersBackend.load(BASELINE, {}, str(workdir / shape), threads=8, gpus=gpus)
+        result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto"))
+        return {"ppl": result["ppl"], "scored_tok_s": result["n_tokens"] / s, "batch": result["batch_size"],
+                "devices": sorted({str(p.device) for p in backend.model.parameters()}),
+                "peak_vram_gb": backend.peak_vram_mb() / 1024}
+
+    out = {}
+    for gpus in (1, 2):
+        out[gpus] = on(gpus)
+        torch.cuda.empty_cache()
+        print(f"{shape} on {gpus} GPU(s): {out[gpus]}", flush=True)
+    out["ppl_rel_diff"] = abs(out[2]["ppl"] / out[1]["ppl"] - 1)
+    print(f"ppl relative difference, 2 GPUs vs 1: {out['ppl_rel_diff']:.3g}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=290_000)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--split", action="store_true", help="also: llama3-8b on one GPU and across two")
     parser.add_argument("--json")
     a = parser.parse_args()
     peak = matmul_peak()
@@ -186,6 +214,8 @@ def main() -> None:
                                   if k not in ("path", "scored_tok_s", "pct_peak", "ppl", "fed_tok_s", "tflops"))
                 print(f"| {r['path']} | {r['scored_tok_s']:,.0f} | {r['pct_peak']:.1f} | {r['ppl']:.6g} | {notes} |",
                       flush=True)
+        if a.split:
+            out["split"] = bench_split("llama3-8b", 100_000, Path(tmp))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
 

@@ -17,7 +17,8 @@ from conftest import REPO, share_tools, snakemake, write_config
 pytestmark = pytest.mark.integration
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
-GPU_RULES = {"evaluate_baseline", "evaluate_gguf", "evaluate_packed", "evaluate_load_time", "quantize_packed"}
+# evaluate_gguf takes no GPU here: llama.cpp is a CPU build on this machine
+GPU_RULES = {"evaluate_baseline", "evaluate_packed", "evaluate_load_time", "quantize_packed"}
 # The profile as a user runs it, plus what this cluster needs: no accounting database (status from
 # squeue, no account), its partition, and thread counts that fit the machine (at most 2 CPUs).
 SLURM = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), "--slurm-status-command", "squeue",
@@ -58,7 +59,8 @@ def jobs_of(state, workdir) -> dict[int, dict]:
                                    env={**os.environ, "SLURM_CONF": str(state / "slurm.conf")}).stdout
             rule = re.search(r"Comment=rule_(\w+?)(?:_wildcards_\S*)?\s", shown)
             jobs[int(fields["JobId"])] = {"state": fields["JobState"], "rule": rule and rule.group(1),
-                                          "gpu": "gres/gpu" in shown or "gres:gpu" in shown, "record": line}
+                                          "gpu": "gres/gpu" in shown or "gres:gpu" in shown, "record": line,
+                                          "shown": shown}
     return jobs
 
 
@@ -66,11 +68,11 @@ def test_the_workflow_runs_through_sbatch_with_gpus_for_gpu_rules(slurm, tmp_pat
     env, state = slurm
     share_tools(tmp_path, converter)
     cfg = write_config(tmp_path, {
-        "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
+        "models": {"tiny": {"source": "path", "path": str(tiny["hf"]), "gpus": 2}},
         "methods": {"gguf": {"variants": ["Q4_K_M", "Q8_0"]}},
         "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128},
     })
-    run = snakemake(tmp_path, *SLURM, config=cfg, env=env, timeout=1500)
+    run = snakemake(tmp_path, *SLURM, "--resources", "gpu=2", config=cfg, env=env, timeout=1500)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv")
     assert len(df) == 3 and set(df["status"]) == {"ok"}
@@ -81,6 +83,8 @@ def test_the_workflow_runs_through_sbatch_with_gpus_for_gpu_rules(slurm, tmp_pat
                             "evaluate_baseline", "evaluate_gguf", "evaluate_gguf", "report"])
     assert all(j["state"] == "COMPLETED" for j in jobs.values())
     assert all(j["gpu"] == (j["rule"] in GPU_RULES) for j in jobs.values()), jobs
+    (baseline,) = (j for j in jobs.values() if j["rule"] == "evaluate_baseline")
+    assert re.search(r"gres[/:]gpu[:=]2\b", baseline["shown"]), baseline["shown"]  # the model's gpus
 
 
 def test_a_failed_job_fails_the_run_and_keeps_finished_cells(slurm, tmp_path, tiny, converter):

@@ -68,7 +68,7 @@ def _evaluate(a):
     seals.verify(a.artifact, a.tokens)
     evaluate.run(a.out, json.loads(a.cell), a.artifact, a.tokens, a.tokens_meta, json.loads(a.eval), a.threads,
                  base_dir=a.base_dir, quantize_info=a.quantize_info, kernel=a.kernel,
-                 distributions=a.distributions, write_distributions=a.write_distributions)
+                 distributions=a.distributions, write_distributions=a.write_distributions, gpus=a.gpus)
 
 
 def _calibrate(a):
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.add_argument("--distributions", help="the FP16 baseline's distributions.npz, for KL divergence and top-1")
     dist.add_argument("--write-distributions", help="write this cell's distributions as the model's distributions.npz")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs a transformers model is spread across (when present)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_evaluate)
 

@@ -92,6 +92,15 @@ def validate(config: dict) -> dict:
     return config
 
 
+def check_gpus(config: dict, allowed: int | None) -> None:
+    """A model's `gpus` within the run's `--resources gpu=N`: Snakemake would quietly lower a job's
+    request to N, and the model would load on fewer GPUs than it was given."""
+    for name, model in config["models"].items():
+        if allowed is not None and model["gpus"] > allowed:
+            raise ConfigError(f"models.{name}.gpus", f"{model['gpus']} GPUs, and this run allows {allowed} "
+                                                     f"(--resources gpu={allowed}): give --resources gpu={model['gpus']}")
+
+
 def _dotted(path) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 

@@ -56,15 +56,29 @@ class Plan:
         return _json(self._cell[wildcards.model, method, variant].record())
 
     def model_settings(self, wildcards) -> str:
-        """The model's source: its note is prose for the report, so editing it must not re-download. A
-        local directory or file also gives its fingerprint, so new weights at the same path are noticed."""
-        spec = {k: v for k, v in self.config["models"][wildcards.model].items() if k != "note"}
+        """The model's source: its note (prose for the report) and gpus are not, so editing them must not
+        re-download. A local directory or file also gives its fingerprint, so new weights at the same
+        path are noticed."""
+        spec = {k: v for k, v in self.config["models"][wildcards.model].items() if k not in ("note", "gpus")}
         if "path" in spec:
             spec["fingerprint"] = sources.fingerprint(spec["path"])
         return _json(spec)
 
     def gguf_type(self, wildcards) -> str:
         return self._cell[wildcards.model, wildcards.method, wildcards.variant].params["type"]
+
+    def gpus(self, wildcards) -> int:
+        """GPUs of a cell's transformers evaluation: its model's `gpus`."""
+        return self.config["models"][wildcards.model]["gpus"]
+
+    def gguf_gpus(self, wildcards) -> int:
+        """llama.cpp's evaluations take one GPU, or none where it is a CPU build, so that they run beside
+        the GPU jobs. Under --sdm conda its build is not known here: one GPU."""
+        try:
+            import llama_cpp
+        except ImportError:
+            return 1
+        return int(bool(llama_cpp.llama_supports_gpu_offload()))
 
     def kernel(self, wildcards) -> str:
         return self.config["methods"][wildcards.method].get("kernel", "auto")

@@ -1,5 +1,6 @@
 # Evaluation: every cell scored on the model's one token stream, in the backend of its method's
-# family, on the GPU when one is present (gpu=1), the CPU otherwise.
+# family, on the GPU when one is present (the model's `gpus`; llama.cpp's CPU build takes none), the
+# CPU otherwise.
 
 
 rule evaluate_baseline:
@@ -20,7 +21,7 @@ rule evaluate_baseline:
         PLAN.env(Family.BASELINE)
     threads: 8
     resources:
-        gpu=1,
+        gpu=PLAN.gpus,
         mem_mb=scaled_by_attempt(16000),
         runtime=720,
     params:
@@ -28,7 +29,7 @@ rule evaluate_baseline:
         eval=PLAN.eval_settings,
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
-        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} "
+        "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --gpus {resources.gpu} "
         "--write-distributions {output.distributions} --out {output.metrics} > {log} 2>&1"
 
 
@@ -53,7 +54,7 @@ rule evaluate_gguf:
         PLAN.env(Family.GGUF)
     threads: 8
     resources:
-        gpu=1,
+        gpu=PLAN.gguf_gpus,
         mem_mb=scaled_by_attempt(8000),
         runtime=720,
     params:
@@ -119,7 +120,7 @@ rule evaluate_load_time:
         PLAN.env(Family.LOAD_TIME)
     threads: 8
     resources:
-        gpu=1,
+        gpu=PLAN.gpus,
         mem_mb=scaled_by_attempt(16000),
         runtime=720,
     params:
@@ -128,4 +129,4 @@ rule evaluate_load_time:
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --distributions {input.distributions} "
-        "--threads {threads} --out {output} > {log} 2>&1"
+        "--threads {threads} --gpus {resources.gpu} --out {output} > {log} 2>&1"

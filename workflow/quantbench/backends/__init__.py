@@ -108,7 +108,7 @@ class Backend(Protocol):
 
 
 def open_backend(method, params: dict, artifact: str, context: int, threads: int, kernel: str = "auto",
-                 trust_remote_code: bool = False) -> Backend:
+                 trust_remote_code: bool = False, gpus: int = 1) -> Backend:
     """The backend that evaluates a cell of `method` (a methods.Method) from its artifact: a GGUF file
     (llama.cpp) or a Hugging Face directory (transformers; load-time methods quantize while loading)."""
     from ..methods import Family
@@ -119,4 +119,4 @@ def open_backend(method, params: dict, artifact: str, context: int, threads: int
         return LlamaCppBackend(artifact, context, threads)
     from .transformers import TransformersBackend
 
-    return TransformersBackend.load(method, params, artifact, threads, kernel, trust_remote_code)
+    return TransformersBackend.load(method, params, artifact, threads, kernel, trust_remote_code, gpus)

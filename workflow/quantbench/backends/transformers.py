@@ -41,9 +41,10 @@ class TransformersBackend:
 
     @classmethod
     def load(cls, method, params: dict, model_dir: str, threads: int, kernel: str = "auto",
-             trust_remote_code: bool = False) -> TransformersBackend:
+             trust_remote_code: bool = False, gpus: int = 1) -> TransformersBackend:
         """A cell of `method` (a methods.Method) from a Hugging Face directory: the model itself (baseline),
-        a packed checkpoint evaluated by `kernel`, or the model quantized while loading."""
+        a packed checkpoint evaluated by `kernel`, or the model quantized while loading; with `gpus` > 1,
+        spread across the first `gpus` GPUs."""
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
@@ -62,14 +63,20 @@ class TransformersBackend:
         dtype = torch.float32
         if cuda:
             dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cuda" if cuda else "cpu",
-                                                     trust_remote_code=trust_remote_code, **kwargs)
+        if cuda and gpus > 1:
+            kwargs |= {"device_map": "auto", "max_memory": spread_over(gpus)}
+        else:
+            kwargs["device_map"] = "cuda" if cuda else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}")
 
     def info(self) -> dict:
+        devices = {p.device for p in self.model.parameters()}
         return {
             "backend": self.backend,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
+            "n_devices": len(devices),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
             "kernel": self.kernel,
             "weight_memory_mb": self.weight_bytes / 2**20,
@@ -109,10 +116,20 @@ class TransformersBackend:
                              f"log-probabilities differ by up to {float(error.max()):.3g} ({self.dtype} logits)")
 
     def peak_vram_mb(self) -> float | None:
-        return torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+        """Summed over the GPUs the model spans."""
+        if self.device != "cuda":
+            return None
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
 
     def close(self) -> None:
         pass
+
+
+def spread_over(gpus: int) -> dict[int, int]:
+    """accelerate's max_memory for the first `gpus` GPUs: 90% of each (room for activations), none elsewhere."""
+    if torch.cuda.device_count() < gpus:
+        raise RuntimeError(f"the model's gpus is {gpus}, and this job sees {torch.cuda.device_count()} GPUs")
+    return {i: int(0.9 * torch.cuda.get_device_properties(i).total_memory) for i in range(gpus)}
 
 
 def _checkpoint_dtype(model_dir: str) -> str | None:
