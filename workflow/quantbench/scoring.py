@@ -59,7 +59,7 @@ def score(backend, tokens: np.ndarray, wins: list[Window], protocol: Protocol, b
     import torch
 
     nlls, dists = [], []
-    offset = fed = done = i = 0
+    offset = fed = done = i = largest = 0
     auto = batch_size == "auto"
     if backend.windows_per_batch:  # llama.cpp batches as llama-perplexity does
         size, auto = backend.windows_per_batch, False
@@ -86,6 +86,7 @@ def score(backend, tokens: np.ndarray, wins: list[Window], protocol: Protocol, b
             torch.cuda.empty_cache()
             continue
         auto = False  # a batch that fits once fits every time: later shapes are no larger
+        largest = max(largest, len(group))
         nlls += list(-target_logp.reshape(len(group), n))
         dists.append(dist)
         if on_batch is not None:
@@ -97,7 +98,7 @@ def score(backend, tokens: np.ndarray, wins: list[Window], protocol: Protocol, b
         raise ValueError(f"the FP16 baseline's distributions have {baseline.targets.size} scored tokens, "
                          f"this cell {offset}")
     record = _perplexity(nlls, protocol.window_mean) | {
-        "eval_s": eval_s, "eval_tokens_fed": fed, "eval_tokens_per_s": fed / eval_s, "batch_size": size}
+        "eval_s": eval_s, "eval_tokens_fed": fed, "eval_tokens_per_s": fed / eval_s, "batch_size": largest}
     if baseline is not None:
         record |= distances(*(np.concatenate(x) for x in zip(*dists)))
     return record

@@ -85,30 +85,29 @@ class TransformersBackend:
     def logits(self, ids: np.ndarray, n_scored: int) -> HeadLogits:
         """The head inputs at the scored positions, on the model's device: the forward runs with the
         output head taken out, so full-vocabulary logits are never made for the whole batch."""
-        length = ids.shape[1]
         with torch.inference_mode():
             batch = torch.from_numpy(ids).to(self.device)
             if not self.head_checked:
                 self.check_head(batch[:1], n_scored)
-            keep = torch.arange(length - n_scored - 1, length - 1, device=self.device)
             real, capture = self.model.get_output_embeddings(), _HeadInput()
             self.model.set_output_embeddings(capture)
-            try:
-                self.model(input_ids=batch, logits_to_keep=keep, use_cache=False)
+            try:  # the last n_scored + 1 positions; the very last predicts nothing
+                self.model(input_ids=batch, logits_to_keep=n_scored + 1, use_cache=False)
             finally:
                 self.model.set_output_embeddings(real)
-            return HeadLogits(capture.hidden.reshape(-1, capture.hidden.shape[-1]), self.head)
+            hidden = capture.hidden[:, :-1]
+            return HeadLogits(hidden.reshape(-1, hidden.shape[-1]), self.head)
 
     def check_head(self, window, n_scored: int) -> None:
         """The head applied to the captured inputs must give the model's own log-probabilities: a forward
         that does more to its logits than Head knows of is refused, never scored. The two may round
         differently in the compute dtype, by up to eps * max|logit| of a row; twice that is allowed."""
-        length = window.shape[1]
-        keep = torch.arange(length - n_scored - 1, length - 1, device=self.device)
-        want = torch.log_softmax(self.model(input_ids=window, logits_to_keep=keep, use_cache=False).logits[0].float(), -1)
+        logits = self.model(input_ids=window, logits_to_keep=n_scored + 1, use_cache=False).logits[0, :-1]
+        want = torch.log_softmax(logits.float(), -1)  # on the input's device, when accelerate spreads the model
         self.head_checked = True
         logits = self.logits(window.cpu().numpy(), n_scored).rows(slice(None)).float()
         got = torch.log_softmax(logits, -1)
+        want = want.to(got.device)
         error = (got - want).abs().amax(-1)
         if (error > 1e-3 + 1e-4 * want.abs().amax(-1) + 2 * torch.finfo(self.dtype).eps * logits.abs().amax(-1)).any():
             self.head_checked = False
