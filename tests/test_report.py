@@ -197,3 +197,17 @@ def test_presets_plan_the_cells_their_published_numbers_need(preset, tmp_path):
     repo = next(iter(config["models"].values()))["repo"]
     matches = published.match(cells, refs, config["models"], 1.0)
     assert len(matches) == (refs["model"] == repo).sum() > 0
+
+
+def test_a_run_where_no_cell_was_evaluated_still_has_its_report(tmp_path):
+    """Every cell failed before its evaluation (as rows report_anyway makes): the report is still written,
+    each row saying which job failed, and no published number is judged."""
+    from quantbench import published, report
+
+    rows = [{"model": "m", "method": method, "variant": variant, "bits": bits, "params": {}, "status": "failed",
+             "failed_step": "download", "error": "download: RuntimeError: no config.json in what was fetched"}
+            for method, variant, bits in [("baseline", "fp16", 16), ("gguf", "Q8_0", 8)]]
+    report.build(rows, {"m": {"source": "path", "path": "/x"}}, str(tmp_path), published.shipped(), 2.0, 10.0)
+    df = pd.read_csv(tmp_path / "summary.csv")
+    assert len(df) == 2 and (df["status"] == "failed").all()
+    assert "download: RuntimeError" in (tmp_path / "summary.md").read_text()

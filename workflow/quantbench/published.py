@@ -47,7 +47,7 @@ def match(cells: pd.DataFrame, refs: pd.DataFrame, models: dict, tolerance_pct: 
     difference, and whether it is within tolerance_pct of the published value."""
     columns = ["model", "method", "variant", "protocol", "context", "metric", "measured", "published",
                "delta", "delta_pct", "within_tolerance", "status", "citation", "note", "source"]
-    if refs.empty or cells.empty:
+    if refs.empty or cells.empty or "protocol_context" not in cells:  # no cell was evaluated
         return pd.DataFrame(columns=columns)
     keyed = cells.merge(aliases(models), on="model").rename(
         columns={"protocol_name": "protocol", "protocol_context": "context"})

@@ -22,6 +22,7 @@ rule evaluate_baseline:
     threads: 8
     resources:
         gpu=PLAN.gpus,
+        tasks_per_gpu=0,  # Slurm: one process drives all the model's GPUs
         mem_mb=scaled_by_attempt(16000),
         runtime=720,
     params:
@@ -121,6 +122,7 @@ rule evaluate_load_time:
     threads: 8
     resources:
         gpu=PLAN.gpus,
+        tasks_per_gpu=0,  # Slurm: one process drives all the model's GPUs
         mem_mb=scaled_by_attempt(16000),
         runtime=720,
     params:
