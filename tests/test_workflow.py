@@ -138,6 +138,11 @@ def test_provenance_and_seals_record_every_file(tiny_run, tiny_gguf):
     assert prov["gguf_sha256"] == io.sha256_file(tiny_gguf)
 
 
+def test_evaluation_logs_show_progress(tiny_run):
+    log = (tiny_run / "results" / "logs" / "evaluate" / "tiny-path" / "baseline" / "fp16.log").read_text()
+    assert re.search(r"\d+/\d+ tokens scored \(100%\), [\d,]+/s, ETA 0 s", log), log[-2000:]
+
+
 def test_a_second_run_has_nothing_to_do(tiny_run):
     run = snakemake(tiny_run, "-n", config=tiny_run / "config.yaml")
     assert run.returncode == 0

@@ -84,12 +84,16 @@ def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | N
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "info.json"
         args = [json.dumps([method, params, hf_dir, calib_ids, out_dir, threads]), str(result)]
-        proc = subprocess.run([sys.executable, "-m", "quantbench.packed", *args], stderr=subprocess.PIPE,
-                              text=True)
-        sys.stderr.write(proc.stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "quantbench.packed", *args], stderr=subprocess.PIPE)
+        tail = b""
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):  # GPTQModel's progress reaches the job log as it comes
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail = (tail + chunk)[-(1 << 20):]  # enough for the last error line
+        proc.wait()
         if proc.returncode == 0 and result.is_file():
             return json.loads(result.read_text())
-    raise failures.from_exit(proc.returncode, failures.error_line(proc.stderr))
+    raise failures.from_exit(proc.returncode, failures.error_line(tail.decode(errors="replace")))
 
 
 def run(cell: dict, hf_dir: str, calib_ids: str | None, calib_meta: str | None, out_dir: str, info_file: str,

@@ -34,8 +34,8 @@ def _group(wins: list[Window], start: int, size: int) -> list[Window]:
 class Progress:
     """Done / total, tokens/s and ETA in the job's log, at most every PROGRESS_EVERY_S seconds."""
 
-    def __init__(self, total: int, what: str = "tokens scored"):
-        self.total, self.what, self.t0 = total, what, time.perf_counter()
+    def __init__(self, total: int):
+        self.total, self.t0 = total, time.perf_counter()
         self.last = self.t0
 
     def __call__(self, done: int) -> None:
@@ -43,7 +43,7 @@ class Progress:
         if now - self.last < PROGRESS_EVERY_S and done < self.total:
             return
         self.last, rate = now, done / max(now - self.t0, 1e-9)
-        print(f"{done}/{self.total} {self.what} ({done / self.total:.0%}), {rate:,.0f}/s, "
+        print(f"{done}/{self.total} tokens scored ({done / self.total:.0%}), {rate:,.0f}/s, "
               f"ETA {(self.total - done) / max(rate, 1e-9):.0f} s", file=sys.stderr, flush=True)
 
 
