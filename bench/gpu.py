@@ -133,14 +133,17 @@ def bench_shape(shape: str, n_tokens: int, peak: float, workdir: Path) -> list[d
     wins = protocol.windows(ids.size)
     score(backend, ids, wins[:2], protocol, "auto")  # warm-up
     torch.cuda.reset_peak_memory_stats()
-    recorder = Recorder(backend)
+    recorder = Recorder(backend, sum(w.n_scored for w in wins))
+
     result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", on_batch=recorder))
+    distributions, assemble_s = sync_time(lambda: recorder.finish(str(workdir)))  # the head by reference, as the job
     dist_file = workdir / f"{shape}.npz"
-    recorder.finish(str(workdir)).save(dist_file)  # the head by reference, as the job keeps it
+    distributions.save(dist_file)
     fed, scored = result["eval_tokens_fed"], result["n_tokens"]
     rows.append(row("quantbench gptq, baseline cell (records the distributions)", model, fed, scored, s, context, peak,
                     ppl=result["ppl"], batch=result["batch_size"], peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30,
-                    distributions_gb=dist_file.stat().st_size / 1e9))
+                    distributions_gb=dist_file.stat().st_size / 1e9, assemble_s=assemble_s,
+                    pct_peak_with_assembling=100 * model_flops(model, fed, scored, context) / (s + assemble_s) / 1e12 / peak))
     baseline = Distributions.load(dist_file, str(workdir))
     torch.cuda.reset_peak_memory_stats()
     result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", baseline=baseline))

@@ -91,7 +91,7 @@ def test_scoring_on_the_gpu_equals_the_cpu_and_its_kl_is_exact(tiny, tmp_path):
         return TransformersBackend(AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=dtype).to(device))
 
     cpu, gpu, half = load(torch.float32, "cpu"), load(torch.float32, "cuda"), load(torch.bfloat16, "cuda")
-    recorder = Recorder(gpu)
+    recorder = Recorder(gpu, sum(w.n_scored for w in wins))
     base = score(gpu, ids, wins, protocol, "auto", on_batch=recorder)
     assert base["batch_size"] == len(wins)
     assert base["ppl"] == pytest.approx(score(cpu, ids, wins, protocol, 8)["ppl"], rel=1e-5)

@@ -66,7 +66,7 @@ def _ppl(scorer, ids, protocol, batch_size=1):
 
 def _distributions(backend, ids, wins, protocol, model_dir=None) -> Distributions:
     """The baseline's distributions, recorded as its evaluation job records them."""
-    recorder = Recorder(backend)
+    recorder = Recorder(backend, sum(w.n_scored for w in wins))
     score(backend, ids, wins, protocol, on_batch=recorder)
     return recorder.finish(model_dir)
 

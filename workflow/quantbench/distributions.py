@@ -67,7 +67,7 @@ class Distributions:
         name, digest = (str(x) for x in kept.head_ref)
         if name:
             head = _checkpoint_tensor(model_dir, name, str(kept.dtype))
-            if head is None or io.sha256_bytes(head.tobytes()) != digest:
+            if head is None or io.sha256_bytes(head.data) != digest:
                 raise failures.Damaged(f"the output head {name!r} of {model_dir} is not the one the FP16 baseline "
                                        f"ran with ({path}): run the baseline again")
             kept.head = head
@@ -115,30 +115,42 @@ class Distributions:
 
 class Recorder:
     """Collects the baseline's distributions while the scoring loop runs it: after each batch
-    (`on_batch`), the head inputs at the scored positions, in the compute dtype, on the host."""
+    (`on_batch`), the head inputs at the scored positions, in the compute dtype, copied into one
+    host buffer for all `n_tokens` (pinned on a GPU, so the copies overlap the next batch)."""
 
-    def __init__(self, backend):
-        self.model, self.head, self.parts = backend.model, backend.head, []
+    def __init__(self, backend, n_tokens: int):
+        self.model, self.head, self.n_tokens = backend.model, backend.head, n_tokens
+        self.targets, self.target_logp, self.hidden, self.filled = [], [], None, 0
 
     def __call__(self, targets: np.ndarray, target_logp: np.ndarray, logits) -> None:
-        # A plain copy: pinning a fresh host buffer a batch costs more than the copy it would overlap.
-        hidden = logits.hidden.to("cpu", self.head.weight.dtype)
-        self.parts.append((targets.reshape(-1).astype(np.int32), target_logp.reshape(-1).astype(np.float32), hidden))
+        import torch
+
+        hidden = logits.hidden.to(self.head.weight.dtype)
+        if self.hidden is None:
+            self.hidden = torch.empty((self.n_tokens, hidden.shape[1]), dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+        self.hidden[self.filled:self.filled + len(hidden)].copy_(hidden, non_blocking=True)
+        self.filled += len(hidden)
+        self.targets.append(targets.reshape(-1).astype(np.int32))
+        self.target_logp.append(target_logp.reshape(-1).astype(np.float32))
 
     def finish(self, model_dir: str | None = None) -> Distributions:
         """The distributions. Where `model_dir`'s safetensors hold the head exactly as the baseline ran
         it, only its name and sha256 are kept (an 8B model's head is 1 GB in bf16)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the last copies to the host
         head = self.head
         dtype = str(head.weight.dtype).removeprefix("torch.")
-        weight, ref = _to_numpy(head.weight), np.array(["", ""])
         name = next((n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight), None)
         stored = _checkpoint_tensor(model_dir, name, dtype) if model_dir and name else None
-        if stored is not None and np.array_equal(stored, weight):
-            weight, ref = np.zeros((0, 0), weight.dtype), np.array([name, io.sha256_bytes(stored.tobytes())])
+        if stored is not None and torch.equal(_to_torch(stored, dtype).to(head.weight.device), head.weight):
+            weight, ref = np.zeros((0, 0), stored.dtype), np.array([name, io.sha256_bytes(stored.data)])
+        else:
+            weight, ref = _to_numpy(head.weight), np.array(["", ""])
         bias = _to_numpy(head.bias.to(head.weight.dtype)) if head.bias is not None else np.zeros(0, np.float32)
-        targets, target_logp, hidden = zip(*self.parts)
-        return Distributions(np.concatenate(targets), np.concatenate(target_logp),
-                             np.concatenate([_to_numpy(h) for h in hidden]), weight, bias,
+        return Distributions(np.concatenate(self.targets), np.concatenate(self.target_logp),
+                             _to_numpy(self.hidden[:self.filled]), weight, bias,
                              np.array([head.scale, head.softcap], np.float32), np.array(dtype), ref)
 
 

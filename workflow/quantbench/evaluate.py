@@ -49,7 +49,7 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
             record["kl_error"] = "the FP16 baseline did not run, so there are no distributions to compare with"
         trust = trusts_remote_code(base_dir or artifact)  # a packed checkpoint runs its base model's code
         backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust, gpus)
-        recorder = Recorder(backend) if write_distributions else None
+        recorder = Recorder(backend, sum(w.n_scored for w in wins)) if write_distributions else None
         record |= score(backend, tokens, wins, protocol, eval_spec["batch_size"], meta["tokenizer"]["bos_token_id"],
                         baseline, recorder)
         kept = recorder.finish(artifact) if recorder else None

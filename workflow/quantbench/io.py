@@ -56,7 +56,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data) -> str:  # bytes or any contiguous buffer
     return hashlib.sha256(data).hexdigest()
 
 
