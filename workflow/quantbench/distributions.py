@@ -2,6 +2,7 @@
 other cell's KL divergence, top-1 agreement and Δp are computed against them, on the cell's device."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,21 +116,31 @@ class Distributions:
 
 class Recorder:
     """Collects the baseline's distributions while the scoring loop runs it: after each batch
-    (`on_batch`), the head inputs at the scored positions, in the compute dtype, copied into one
-    host buffer for all `n_tokens` (pinned on a GPU, so the copies overlap the next batch)."""
+    (`on_batch`), the head inputs at the scored positions, in the compute dtype, into one host
+    buffer for all `n_tokens`. From a GPU, each batch's copy runs in a thread on a stream of its
+    own while the next batch computes. The buffer is pageable: pinning gigabytes takes longer
+    than the copies, and holds the driver meanwhile."""
 
     def __init__(self, backend, n_tokens: int):
+        import torch
+
         self.model, self.head, self.n_tokens = backend.model, backend.head, n_tokens
-        self.targets, self.target_logp, self.hidden, self.filled = [], [], None, 0
+        self.targets, self.target_logp, self.filled, self.copies = [], [], 0, []
+        weight = self.head.weight
+        self.hidden = torch.empty((n_tokens, weight.shape[1]), dtype=weight.dtype)
+        self.copier = ThreadPoolExecutor(1) if weight.is_cuda else None
 
     def __call__(self, targets: np.ndarray, target_logp: np.ndarray, logits) -> None:
         import torch
 
         hidden = logits.hidden.to(self.head.weight.dtype)
-        if self.hidden is None:
-            self.hidden = torch.empty((self.n_tokens, hidden.shape[1]), dtype=hidden.dtype, pin_memory=hidden.is_cuda)
-        self.hidden[self.filled:self.filled + len(hidden)].copy_(hidden, non_blocking=True)
+        rows = slice(self.filled, self.filled + len(hidden))
         self.filled += len(hidden)
+        if self.copier is None:
+            self.hidden[rows].copy_(hidden)
+        else:
+            ready = torch.cuda.current_stream(hidden.device).record_event()
+            self.copies.append(self.copier.submit(_copy_after, hidden, self.hidden[rows], ready))
         self.targets.append(targets.reshape(-1).astype(np.int32))
         self.target_logp.append(target_logp.reshape(-1).astype(np.float32))
 
@@ -138,8 +149,10 @@ class Recorder:
         it, only its name and sha256 are kept (an 8B model's head is 1 GB in bf16)."""
         import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the last copies to the host
+        for copy in self.copies:
+            copy.result()  # the copies to the host, done (or their error raised)
+        if self.copier is not None:
+            self.copier.shutdown()
         head = self.head
         dtype = str(head.weight.dtype).removeprefix("torch.")
         name = next((n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight), None)
@@ -152,6 +165,17 @@ class Recorder:
         return Distributions(np.concatenate(self.targets), np.concatenate(self.target_logp),
                              _to_numpy(self.hidden[:self.filled]), weight, bias,
                              np.array([head.scale, head.softcap], np.float32), np.array(dtype), ref)
+
+
+def _copy_after(src, dst, ready) -> None:
+    """src (on a GPU) into dst (host) once `ready` has passed, on a side stream: the caller holds src
+    until this returns, and a copy into pageable memory returns when it is done."""
+    import torch
+
+    stream = torch.cuda.Stream(src.device)
+    stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        dst.copy_(src)
 
 
 def _checkpoint_tensor(model_dir: str, name: str, dtype: str) -> np.ndarray | None:
