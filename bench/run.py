@@ -58,6 +58,8 @@ def compare(name: str, tool: list[str], ours: list[list[str]], parse, work: Path
         for stage, cmd in zip(("tokenize", "evaluate"), ours):
             times[stage].append(timed(cmd)[0])
     metrics = json.loads((work / "metrics.json").read_text())
+    if metrics.get("status", "ok") != "ok":
+        sys.exit(f"{name}: quantbench's evaluation failed: {metrics.get('error')}")
     upstream_t, tok_t, eval_t = (statistics.median(times[k]) for k in ("upstream", "tokenize", "evaluate"))
     pairs = list(zip(times["upstream"], times["evaluate"], times["tokenize"]))
     per_cell = statistics.median(r / e for r, e, _ in pairs)
@@ -65,7 +67,7 @@ def compare(name: str, tool: list[str], ours: list[list[str]], parse, work: Path
     print(f"{name}\n  upstream {upstream_t:.1f} s; quantbench evaluate {eval_t:.1f} s (+ tokenize once per model "
           f"{tok_t:.1f} s), medians of {repeats}\n  speed vs upstream (median of pair ratios): {per_cell:.2f}x "
           f"per cell, {with_tokenize:.2f}x with tokenizing\n  ppl: upstream {upstream_value:.6f}, quantbench "
-          f"{metrics['ppl']:.6f} ± {metrics['ppl_stderr']:.5f} over {metrics['n_tokens']} scored tokens", flush=True)
+          f"{metrics['ppl']:.6f} over {metrics['n_tokens']} scored tokens", flush=True)
     return {"comparison": name, "upstream_s": upstream_t, "evaluate_s": eval_t, "tokenize_s": tok_t,
             "ratio_per_cell": per_cell, "ratio_with_tokenize": with_tokenize,
             "upstream_ppl": upstream_value, "quantbench_ppl": metrics["ppl"], "quantbench_stderr": metrics["ppl_stderr"],
@@ -96,7 +98,7 @@ def main() -> None:
         raw = textdata.describe_text({"dataset": textdata.WIKITEXT}, resources, "llamacpp")
         raw_file = work / "wiki.test.raw"
         raw_file.write_text(textdata.load_text(raw) + "\n", encoding="utf-8")  # wiki.test.raw itself
-        spec = {"protocol": "llamacpp", "context": 512, "max_windows": a.chunks, "tokens": "gguf"}
+        spec = {"protocol": "llamacpp", "context": 512, "max_windows": a.chunks, "tokens": "gguf", "batch_size": "auto"}
         results.append(compare(
             "GGUF Q4_K_M, llamacpp protocol: llama-perplexity vs quantbench",
             [str(tool), "-m", str(q4), "-f", str(raw_file), "-c", "512", "--chunks", str(a.chunks), "-t", str(a.threads)],
@@ -108,7 +110,7 @@ def main() -> None:
         joined = textdata.load_text(textdata.describe_text({"dataset": textdata.WIKITEXT}, resources))
         text_file = work / "wikitext-prefix.txt"
         text_file.write_text(joined[:a.loop_chars], encoding="utf-8")
-        spec = {"protocol": "sliding-seed", "context": 2048, "stride": 512}
+        spec = {"protocol": "sliding-seed", "context": 2048, "stride": 512, "batch_size": "auto"}
         results.append(compare(
             "FP16, sliding-seed protocol: Hugging Face loop vs quantbench",
             [sys.executable, str(ROOT / "bench" / "hf_loop.py"), str(hf_dir), str(text_file), "2048", "512", str(a.threads)],
