@@ -4,6 +4,8 @@ bitsandbytes int8 / nf4. Prints each job's wall time (Snakemake's benchmark file
 
     python bench/gpu_workflow.py --work /tmp/gpu-workflow [--windows 16] [--wikitext DIR] [--tools DIR]
 
+Run again with the same --work, it goes on where a stopped run left off.
+
 The body is Llama-3.2-1B's (2048 wide, 16 layers, 8192-wide MLP, 32 query / 8 key-value heads, tied
 embeddings); the vocabulary is a 32,000-piece BPE trained on the standard library's docstrings (the
 tests' tokenizer, larger), so the GGUF converter takes it offline. GGUF cells run on llama.cpp's
@@ -61,13 +63,17 @@ def main() -> None:
     parser.add_argument("--json")
     a = parser.parse_args()
     work = a.work.resolve()
-    params = build_model(work / "model")
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'workflow'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if a.tools:
-        shutil.copytree(a.tools, work / "resources" / "tools", dirs_exist_ok=True)
-    if a.wikitext:
-        subprocess.run([sys.executable, "-m", "quantbench", "import-wikitext", a.wikitext, "--resources",
-                        str(work / "resources")], check=True, env=env)
+    built = work / "n_params"  # written once the model is saved
+    if not built.is_file():  # else a run stopped part-way goes on: Snakemake keeps the jobs that finished
+        work.mkdir(parents=True, exist_ok=True)
+        built.write_text(str(build_model(work / "model")))
+        if a.tools:
+            shutil.copytree(a.tools, work / "resources" / "tools", dirs_exist_ok=True)
+        if a.wikitext:
+            subprocess.run([sys.executable, "-m", "quantbench", "import-wikitext", a.wikitext, "--resources",
+                            str(work / "resources")], check=True, env=env)
+    params = int(built.read_text())
     config = {
         "models": {"llama-1b-shape": {"source": "path", "path": str(work / "model")}},
         "methods": {"gguf": {"variants": ["Q4_K_M", "Q8_0"]},
@@ -82,7 +88,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
                           "--configfile", str(work / "config.yaml"), "--cores", str(os.cpu_count()),
-                          "--resources", "gpu=1"], env=env)
+                          "--resources", "gpu=1", "--rerun-incomplete", "--scheduler", "greedy"], env=env)
     wall = time.perf_counter() - t0
     jobs = {}
     for f in sorted((work / "results" / "benchmarks").rglob("*.tsv")):

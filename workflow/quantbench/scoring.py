@@ -16,7 +16,9 @@ import numpy as np
 from .distributions import Distributions
 from .protocols import Protocol, Window
 
-AUTO_FIRST_TOKENS = 1 << 18  # `batch_size: auto` tries this many tokens a batch first, then halves until it fits
+# `batch_size: auto` tries this many tokens a batch first, then halves until it fits. An 8B model scored
+# as fast at 32 windows of 2048 as at 128 (H100), in half the memory.
+AUTO_FIRST_TOKENS = 1 << 16
 PROGRESS_EVERY_S = 30
 
 

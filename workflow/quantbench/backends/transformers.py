@@ -12,6 +12,8 @@ from .. import io
 from ..methods import Family
 from . import Head, HeadLogits, Skipped
 
+HEAD_CHECK_ROWS = 128  # positions the head check compares: full-vocabulary fp32 rows, so a bounded few
+
 
 class _HeadInput(torch.nn.Module):
     """Stands in for the output head during a forward: keeps its input, returns a one-wide stand-in
@@ -88,7 +90,7 @@ class TransformersBackend:
         with torch.inference_mode():
             batch = torch.from_numpy(ids).to(self.device)
             if not self.head_checked:
-                self.check_head(batch[:1], n_scored)
+                self.check_head(batch[:1], min(n_scored, HEAD_CHECK_ROWS))
             real, capture = self.model.get_output_embeddings(), _HeadInput()
             self.model.set_output_embeddings(capture)
             try:  # the last n_scored + 1 positions; the very last predicts nothing
@@ -99,9 +101,10 @@ class TransformersBackend:
             return HeadLogits(hidden.reshape(-1, hidden.shape[-1]), self.head)
 
     def check_head(self, window, n_scored: int) -> None:
-        """The head applied to the captured inputs must give the model's own log-probabilities: a forward
-        that does more to its logits than Head knows of is refused, never scored. The two may round
-        differently in the compute dtype, by up to eps * max|logit| of a row; twice that is allowed."""
+        """The head applied to the captured inputs must give the model's own log-probabilities at the
+        last n_scored positions of `window`: a forward that does more to its logits than Head knows of
+        is refused, never scored. The two may round differently in the compute dtype, by up to
+        eps * max|logit| of a row; twice that is allowed."""
         logits = self.model(input_ids=window, logits_to_keep=n_scored + 1, use_cache=False).logits[0, :-1]
         want = torch.log_softmax(logits.float(), -1)  # on the input's device, when accelerate spreads the model
         self.head_checked = True
