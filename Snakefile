@@ -10,7 +10,7 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from quantbench import config as qbconfig, paths, plots, seals, textdata
+from quantbench import config as qbconfig, llamacpp, paths, plots, seals, textdata
 from quantbench.methods import Family
 from quantbench.plan import Plan, scaled_by_attempt
 

@@ -82,7 +82,6 @@ def main() -> None:
     ap.add_argument("--loop-chars", type=int, default=40000, help="characters of WikiText-2 for the HF loop")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tool-cache", default=str(upstream.CACHE))
     a = ap.parse_args()
 
     hf_dir = ROOT / paths.MODEL_DIR.format(model=a.model)
@@ -91,7 +90,7 @@ def main() -> None:
     for needed in (hf_dir, q4, textdata.cache_file(resources)):
         if not needed.exists():
             sys.exit(f"{needed} is missing: run the default workflow first (README)")
-    tool = upstream.build_tool("llama-perplexity", a.tool_cache)
+    tool = upstream.tool("llama-perplexity")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -65,12 +65,18 @@ def snakemake(workdir: Path, *args: str, config: Path | None = None, env: dict |
                           env={**os.environ, **(env or {})})
 
 
-def share_tools(workdir: Path, converter: Path) -> None:
-    """Reuse the session's converter instead of fetching it again for every workflow run."""
+def share_tools(workdir: Path, converter: Path, programs: bool = False) -> None:
+    """Reuse the session's converter instead of fetching it again for every workflow run, and with
+    `programs` the one build of llama.cpp's programs instead of building them again."""
     tools = workdir / "resources" / "tools"
     tools.mkdir(parents=True, exist_ok=True)
     if not (tools / converter.name).exists():
         shutil.copytree(converter, tools / converter.name)
+    if programs:
+        import upstream
+
+        upstream.tool("llama-imatrix")
+        (tools / upstream.TOOLS.name).symlink_to(upstream.TOOLS)
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,15 @@ def test_default_config_expands_to_the_demo_matrix():
     cfg = qc.validate(fresh())
     assert [(c.method, c.variant) for c in qc.cells(cfg)] == [
         ("baseline", "fp16"),
-        *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]],
+        *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_M-imatrix",
+                                "IQ4_XS-imatrix"]],
         ("gptq", "w4g128"), ("gptq", "w3g128"), ("awq", "w4g64"), ("rtn", "w4g128"), ("rtn", "w3g128"),
         ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"),
     ]
     assert {c.model for c in qc.cells(cfg)} == {"smollm2-135m"}
+    imatrix = {c.variant: c.params for c in qc.cells(cfg) if c.calibrated and c.method == "gguf"}
+    assert imatrix == {"Q4_K_M-imatrix": {"type": "Q4_K_M", "imatrix": True},
+                       "IQ4_XS-imatrix": {"type": "IQ4_XS", "imatrix": True}}
     # defaults from the schema are filled in
     assert cfg["models"]["smollm2-135m"]["allow_pickle"] is False
     assert cfg["eval"]["batch_size"] == "auto"
@@ -41,7 +45,7 @@ def test_methods_can_be_restricted_to_some_models():
     assert {c.model for c in cells if c.method == "gguf"} == {"other"}
     assert {c.model for c in cells if c.method in ("baseline", "gptq")} == {"smollm2-135m", "other"}
     (cell,) = [c for c in cells if (c.model, c.method, c.variant) == ("other", "gguf", "Q4_K_M")]
-    assert cell.params == {"type": "Q4_K_M"}
+    assert cell.params == {"type": "Q4_K_M", "imatrix": False}
 
 
 def test_variant_objects_name_a_gguf_type():
@@ -79,12 +83,16 @@ def test_schema_rejects_naming_the_key(mutate, key, message):
 
 @pytest.mark.parametrize("mutate, key, message", [
     (lambda c: c["methods"]["gguf"]["variants"].insert(1, "Q4_K_X"),
-     "methods.gguf.variants[1]", "gguf does not support type='Q4_K_X'; use a llama.cpp type: Q2_K"),
-    (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[6]", "listed twice"),
+     "methods.gguf.variants[1]", "gguf does not support type='Q4_K_X'; use a llama.cpp type: IQ1_S"),
+    (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[8]", "listed twice"),
     (lambda c: c["methods"]["gguf"].update(models=["nope"]), "methods.gguf.models[0]", "unknown model 'nope'"),
     (lambda c: c["methods"]["bnb"].update(kernel="triton"), "methods.bnb.kernel", "only gptq, awq, rtn checkpoints"),
-    (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "Q4_0", "imatrix": True}),
-     "methods.gguf.variants[6].imatrix", "gguf has no parameter 'imatrix'; it takes ['type']"),
+    (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "Q4_0", "imatrix": "yes"}),
+     "methods.gguf.variants[8].imatrix", "gguf does not support imatrix='yes'; use one of [False, True]"),
+    (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "IQ4_XS", "imatrix": False}),
+     "methods.gguf.variants[8].imatrix", "IQ4_XS is quantized from an importance matrix: set imatrix: true"),
+    (lambda c: c["methods"]["gguf"]["variants"].append({"name": "Q5_K_M-imatrix", "imatrix": False}),
+     "methods.gguf.variants[8].imatrix", "the name 'Q5_K_M-imatrix' says imatrix=True"),
     (lambda c: c["methods"]["gptq"]["variants"].append({"name": "x", "bits": 5}),
      "methods.gptq.variants[2].bits", "gptq does not support bits=5; use one of [2, 3, 4, 8]"),
     (lambda c: c["methods"]["bnb"]["variants"].append({"name": "int4", "mode": "int8", "threshold": -1}),

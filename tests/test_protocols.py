@@ -243,10 +243,10 @@ def test_distributions_of_other_tokens_are_refused(stream):
 
 @pytest.fixture(scope="session")
 def llama_perplexity():
-    """llama.cpp's llama-perplexity, built once from the pinned llama-cpp-python sdist (cached)."""
+    """llama.cpp's llama-perplexity, of the workflow's build of llama.cpp's programs."""
     import upstream
 
-    return upstream.build_tool("llama-perplexity")
+    return upstream.tool("llama-perplexity")
 
 
 def test_llamacpp_protocol_equals_llama_perplexity(tmp_path, tiny, tiny_gguf, converter, llama_perplexity):

@@ -23,8 +23,10 @@ def test_dry_run_of_the_default_config_shows_the_whole_dag(tmp_path):
                   if len(line.split()) == 2 and line.split()[1].isdigit())
     assert counts["download_model"] == "1"
     assert counts["convert_gguf"] == "1"
-    assert counts["quantize_gguf"] == "6"
-    assert counts["evaluate_gguf"] == "6"
+    assert counts["quantize_gguf"] == "8"
+    assert counts["evaluate_gguf"] == "8"
+    assert counts["imatrix"] == "1" and counts["calibration_tokens"] == "1"  # one per model, for GPTQ/AWQ too
+    assert counts["build_llama_tools"] == "1"  # setup builds them where it ran in the repository
     assert counts["evaluate_baseline"] == "1"
     assert counts["report"] == "1"
 

@@ -24,6 +24,13 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # llama-cpp-python compiles llama.cpp from source (about 10 minutes on 2 cores; pip caches the wheel).
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${pip[@]}" -e ".[all]" torch==2.13.0
 
+# llama.cpp's own programs (llama-imatrix, llama-quantize, llama-perplexity, llama-bench) from the same
+# source, once: the workflow's importance matrices, the tests and the bench use this one build.
+tools=$(.venv/bin/python -c "from quantbench import paths; print(paths.LLAMA_TOOLS)")
+if [ ! -x "$tools/llama-bench" ]; then
+  .venv/bin/python -m quantbench build-llama-tools --out "$tools" > /dev/null
+fi
+
 if [ -n "$wikitext" ]; then
   .venv/bin/python -m quantbench import-wikitext "$wikitext"
 fi

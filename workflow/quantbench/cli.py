@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,12 +54,30 @@ def _convert(a):
         llamacpp.convert(a.hf, a.out, a.converter)
 
 
+def _build_llama_tools(a):
+    from . import llamacpp
+
+    with seals.sealing(a.out):
+        llamacpp.build_tools(a.out, jobs=a.jobs)
+
+
+def _imatrix(a):
+    from . import io, llamacpp
+
+    seals.verify(a.gguf, a.calib, a.hf, a.tool)
+    with seals.sealing(a.out):
+        info = llamacpp.imatrix(a.tool, a.gguf, a.calib, a.calib_meta, a.hf, a.out, a.text_out, a.threads)
+    io.write_json(a.info, info)
+
+
 def _quantize_gguf(a):
     from . import artifacts, io, llamacpp
 
-    seals.verify(a.src)
+    seals.verify(a.src, a.imatrix, a.tool)
     with seals.sealing(a.dst):
-        info = llamacpp.quantize(a.src, a.dst, a.type, a.threads)
+        info = llamacpp.quantize(a.src, a.dst, a.type, a.threads, a.imatrix, a.tool)
+    if a.imatrix:  # what the matrix was computed from, in the cell's own record
+        info["imatrix"] = io.read_json(a.imatrix_info)
     io.write_json(a.info, info | artifacts.gguf_stats(a.dst))  # read once here, not by every evaluation
 
 
@@ -145,11 +164,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("build-llama-tools", help="build llama.cpp's programs (llama-imatrix, llama-quantize, "
+                       "llama-perplexity, llama-bench) from the pinned sdist's source")
+    p.add_argument("--out", required=True)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=_build_llama_tools)
+
+    p = sub.add_parser("imatrix", help="a model's importance matrix from its calibration tokens (llama-imatrix)")
+    p.add_argument("--tool", required=True, help="llama-imatrix")
+    p.add_argument("--gguf", required=True, help="the model's F16 GGUF")
+    p.add_argument("--calib", required=True)
+    p.add_argument("--calib-meta", required=True)
+    p.add_argument("--hf", required=True, help="the model's HF directory: its tokenizer decodes the calibration tokens")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-out", required=True, help="the calibration text llama-imatrix reads, kept beside it")
+    p.add_argument("--info", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_imatrix)
+
     p = sub.add_parser("quantize-gguf", help="F16 GGUF -> a llama.cpp quantization type")
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--type", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--imatrix", help="an importance matrix (then quantized by --tool, llama-quantize)")
+    p.add_argument("--imatrix-info", help="what the importance matrix was computed from (imatrix.json)")
+    p.add_argument("--tool")
     p.add_argument("--info", required=True, help="where to write quantize time and the GGUF's size and tensor types")
     p.set_defaults(func=_quantize_gguf)
 

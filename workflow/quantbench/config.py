@@ -37,6 +37,10 @@ class Cell:
     def metrics(self) -> str:
         return paths.cell(paths.METRICS, self.model, self.method, self.variant)
 
+    @property
+    def calibrated(self) -> bool:
+        return METHODS[self.method].calibrated_by(self.params)
+
     def record(self) -> dict:
         """The cell's identity as written into its metrics.json."""
         return {"model": self.model, "method": self.method, "variant": self.variant, "bits": self.bits,
@@ -237,8 +241,7 @@ def _check_text_length(config: dict) -> None:
     from .calibration import holdout_tokens
 
     spec, path = config["eval"], config["eval"]["text"]["text_file"]
-    calibrated = any(METHODS[m].calibrated for m in config["methods"])
-    skip = holdout_tokens(config.get("calibration")) if calibrated else 0
+    skip = holdout_tokens(config.get("calibration")) if any(c.calibrated for c in cells(config)) else 0
     window = {"llamacpp": 2 * spec["context"], "gptq": spec["context"]}.get(spec["protocol"], 2)
     n_bytes = Path(path).expanduser().stat().st_size
     if n_bytes + 1 < skip + window:
@@ -273,6 +276,10 @@ def _check_variant(method: Method, key: str, variant) -> None:
         if not param.accepts(value):
             where = f"{key}.{name}" if name in given else key
             raise ConfigError(where, f"{method.name} does not support {name}={value!r}; use {param.describe()}")
+    problem = method.consistent(params)
+    if problem:
+        name, why = problem
+        raise ConfigError(f"{key}.{name}" if name in given else key, why)
 
 
 def _check_references(refs: list[str]) -> None:

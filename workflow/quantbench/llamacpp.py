@@ -1,13 +1,19 @@
-"""The gguf method's module: HF -> GGUF conversion, llama.cpp quantization, llama.cpp's tokenizer.
+"""The gguf method's module: HF -> GGUF conversion, importance matrices, llama.cpp quantization,
+llama.cpp's tokenizer, and llama.cpp's own programs.
 
 The converter is llama.cpp's own `convert_hf_to_gguf.py`, taken from the sdist of
 the pinned llama-cpp-python (the same llama.cpp revision that quantizes and
-evaluates), fetched once into a cache instead of being vendored here.
+evaluates), fetched once into a cache instead of being vendored here. From the same
+source, one build of llama.cpp's programs (TOOLS) serves the workflow (llama-imatrix,
+llama-quantize with an importance matrix), the tests and the bench (llama-perplexity,
+llama-bench).
 """
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -60,6 +66,80 @@ def fetch_converter(out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_
     return out_dir / "convert_hf_to_gguf.py"
 
 
+TOOLS = ("llama-perplexity", "llama-imatrix", "llama-quantize", "llama-bench")
+# llama.cpp leaks its logger (llama.cpp#22142), whose writer thread can still hold the last lines, the
+# "Final estimate" among them, when main returns: llama-perplexity flushes it first.
+FLUSH_LOG_AT_EXIT = {"llama-perplexity": (
+    "tools/perplexity/perplexity.cpp",
+    "    llama_backend_free();\n\n    return 0;\n}",
+    "    llama_backend_free();\n    common_log_flush(common_log_main());\n\n    return 0;\n}")}
+
+
+def build_tools(out_dir: str | os.PathLike, version: str = LLAMA_CPP_PYTHON_PIN, jobs: int = os.cpu_count() or 1) -> Path:
+    """Build TOOLS from the llama.cpp source vendored in the llama-cpp-python sdist of `version` into
+    out_dir (static binaries). CMAKE_ARGS apply as for the llama-cpp-python build (-DGGML_CUDA=on)."""
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp, io.atomic_path(out_dir) as staging:
+        src, build = Path(tmp) / "llama.cpp", Path(tmp) / "build"
+        extract_llama_cpp(download_sdist(tmp, version)[0], src)
+        for main, ending, flushed in FLUSH_LOG_AT_EXIT.values():
+            source = (src / main).read_text()
+            if source.count(ending) != 1:
+                raise RuntimeError(f"{main}: main's ending changed; update FLUSH_LOG_AT_EXIT for llama.cpp {version}")
+            (src / main).write_text(source.replace(ending, flushed))
+        options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
+                   "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                   "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
+        search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        cmake, ninja = shutil.which("cmake", path=search), shutil.which("ninja", path=search)
+        if not cmake:
+            raise RuntimeError("building llama.cpp's tools needs cmake (pip install cmake)")
+        if ninja:
+            options += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        subprocess.run([cmake, "-S", src, "-B", build, *options], check=True)
+        subprocess.run([cmake, "--build", build, "--target", *TOOLS, "-j", str(jobs)], check=True)
+        staging.mkdir()
+        for tool in TOOLS:
+            shutil.copy2(build / "bin" / tool, staging / tool)
+    return out_dir
+
+
+def imatrix(tool: str, gguf: str, calib_ids: str, calib_meta: str, hf_dir: str, out: str, text_out: str,
+            threads: int) -> dict:
+    """llama-imatrix over the model's calibration tokens (never scored ones): each sample decoded to
+    text by the model's tokenizer (llama-imatrix reads text), one chunk of seq_len per sample.
+    Returns what it was computed from, for imatrix.json and the cells quantized with it."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from .sources import trusts_remote_code
+
+    spec = io.read_json(calib_meta)
+    samples = np.load(calib_ids)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trusts_remote_code(hf_dir))
+    Path(text_out).write_text("\n".join(tokenizer.decode(s, skip_special_tokens=True) for s in samples),
+                              encoding="utf-8")
+    t0 = time.perf_counter()
+    with io.atomic_path(out) as tmp:
+        proc = subprocess.run([tool, "-m", gguf, "-f", text_out, "-o", str(tmp), "-c", str(samples.shape[1]),
+                               "--chunks", str(samples.shape[0]), "-t", str(threads), "--no-ppl", "-ngl", "999"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stderr.write(proc.stdout)
+        if proc.returncode != 0:
+            raise failures.from_exit(proc.returncode, _tool_error(proc.stdout))
+    chunks = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", proc.stdout)
+    return {"calibration": {k: spec[k] for k in ("source", "n_samples", "seq_len", "seed") if k in spec},
+            "calibration_tokens_sha256": spec["tokens_sha256"],
+            "chunks": int(chunks[1]) if chunks else None, "n_ctx": int(chunks[2]) if chunks else None,
+            "imatrix_s": time.perf_counter() - t0, "threads": threads}
+
+
+def _tool_error(output: str) -> str:
+    """What a llama.cpp program said went wrong: its last line naming an error or failure."""
+    lines = [line.strip() for line in output.splitlines() if re.search(r"error|fail", line, re.IGNORECASE)]
+    return lines[-1] if lines else (output.strip().splitlines() or ["no output"])[-1]
+
+
 def converter_architectures(converter: str | os.PathLike) -> set[str]:
     """The Hugging Face architectures llama.cpp's converter can convert: the names in its own registry
     (`@ModelBase.register(...)` in convert_hf_to_gguf.py and its conversion/ package)."""
@@ -110,19 +190,29 @@ def convert(hf_dir: str, out: str, converter: str, outtype: str = "f16") -> None
             raise failures.from_exit(proc.returncode, failures.error_line(proc.stderr))
 
 
-def quantize(src: str, dst: str, gguf_type: str, threads: int) -> dict:
-    """Quantize an F16 GGUF with llama.cpp's llama_model_quantize; returns timing info."""
+def quantize(src: str, dst: str, gguf_type: str, threads: int, imatrix: str | None = None,
+             tool: str | None = None) -> dict:
+    """Quantize an F16 GGUF with llama.cpp's llama_model_quantize; returns timing info. With an
+    importance matrix, through llama-quantize of the same source: llama-cpp-python's API cannot hand
+    one to llama_model_quantize (a C++ map)."""
     import llama_cpp
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
     if ftype is None:
         raise ValueError(f"llama.cpp {llama_cpp.__version__} has no LLAMA_FTYPE_MOSTLY_{gguf_type}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads
     t0 = time.perf_counter()
     with io.atomic_path(dst) as tmp:
-        rc = llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({src} -> {gguf_type}) failed with code {rc}")
+        if imatrix:
+            proc = subprocess.run([tool, "--imatrix", imatrix, src, str(tmp), gguf_type, str(threads)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            sys.stderr.write(proc.stdout)
+            if proc.returncode != 0:
+                raise failures.from_exit(proc.returncode, _tool_error(proc.stdout))
+        else:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.nthread = threads
+            rc = llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), params)
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize({src} -> {gguf_type}) failed with code {rc}")
     return {"quantize_s": time.perf_counter() - t0, "quantize_threads": threads}

@@ -88,8 +88,14 @@ class Method:
     example: str = ""                  # a shorthand name, for messages
     cuda_only: str = ""                # why it runs only on CUDA: elsewhere its rows are 'skipped'
     kernels: tuple[str, ...] = ()      # the kernels `methods.<m>.kernel` may pick to evaluate it
+    # What a variant's parameters need of each other: params -> (parameter, why it is refused) or None.
+    consistent: Callable[[dict], tuple[str, str] | None] = lambda params: None
     # What it needs of a model's architecture: (model name, widths, variants) -> an error or None.
     architecture: Callable[[str, dict, list], tuple[str, str] | None] | None = None
+
+    def calibrated_by(self, params: dict) -> bool:
+        """Whether a variant needs the model's calibration tokens: the method's, or its importance matrix."""
+        return self.calibrated or params.get("imatrix", False)
 
     def given_params(self, variant) -> dict:
         """What a variant says of its parameters: those its name fixes, then those it sets. Raises
@@ -134,11 +140,13 @@ def variant_name(variant) -> str:
 
 # llama.cpp quantization types (name -> bits, for sorting and the claims tables).
 GGUF_TYPES = {
-    "Q2_K": 2, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3, "Q4_0": 4, "Q4_1": 4,
-    "Q4_K_S": 4, "Q4_K_M": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5,
-    "Q6_K": 6, "Q8_0": 8, "F16": 16, "BF16": 16,
+    "IQ1_S": 1, "IQ1_M": 1, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 2, "IQ2_M": 2, "Q2_K": 2,
+    "IQ3_XXS": 3, "IQ3_XS": 3, "IQ3_S": 3, "IQ3_M": 3, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3,
+    "IQ4_XS": 4, "IQ4_NL": 4, "Q4_0": 4, "Q4_1": 4, "Q4_K_S": 4, "Q4_K_M": 4,
+    "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5, "Q6_K": 6, "Q8_0": 8, "F16": 16, "BF16": 16,
 }
-K_QUANT_BLOCK = 256  # k-quants need rows divisible by this, or llama.cpp falls back silently
+K_QUANT_BLOCK = 256  # k-quants and i-quants need rows divisible by this, or llama.cpp falls back silently
+IMATRIX_SUFFIX = "-imatrix"  # "Q4_K_M-imatrix": that type, quantized with the model's importance matrix
 GROUPS = (-1, 32, 64, 128)
 KERNELS = ("auto", "torch", "triton", "marlin", "exllama_v2")  # GPTQModel's kernels, by the config's names
 
@@ -147,8 +155,24 @@ _WIDTH_GROUP = re.compile(r"w(?P<bits>[0-9]+)g(?P<group>[0-9]+)")
 
 
 def _gguf_name(name: str) -> dict | None:
-    """A name spelled like a llama.cpp type is that type (an unknown one is then refused as a type)."""
-    return {"type": name} if re.fullmatch(r"I?Q[0-9]\w*|B?F16|F32", name) else None
+    """A name spelled like a llama.cpp type is that type (an unknown one is then refused as a type);
+    with IMATRIX_SUFFIX, quantized with the importance matrix."""
+    base = name.removesuffix(IMATRIX_SUFFIX)
+    if not re.fullmatch(r"I?Q[0-9]\w*|B?F16|F32", base):
+        return None
+    return {"type": base} | ({"imatrix": True} if base != name else {})
+
+
+def needs_imatrix(gguf_type: str) -> bool:
+    """The i-quants: llama.cpp quantizes them only with an importance matrix (IQ4_NL, IQ4_XS: advised)."""
+    return gguf_type.startswith("IQ")
+
+
+def _gguf_consistent(params: dict):
+    if needs_imatrix(params["type"]) and not params["imatrix"]:
+        return ("imatrix", f"{params['type']} is quantized from an importance matrix: set imatrix: true, "
+                           f"or name the variant {params['type']}{IMATRIX_SUFFIX}")
+    return None
 
 
 def _width_group_name(name: str) -> dict | None:
@@ -160,7 +184,8 @@ def _width_group_name(name: str) -> dict | None:
 def _k_quant_rows(model: str, widths: dict, variants: list):
     """A k-quant block spans 256 weights of a row; llama.cpp quietly stores rows of another length in
     a legacy type. Where no matrix fits, the cell would not be the k-quant it is named."""
-    k_quants = [variant_name(v) for v in variants if "_K" in GGUF.variant_params(v)["type"]]
+    k_quants = [variant_name(v) for v in variants
+                if "_K" in (t := GGUF.variant_params(v)["type"]) or (needs_imatrix(t) and t != "IQ4_NL")]
     if k_quants and widths and all(w % K_QUANT_BLOCK for w in widths.values()):
         shown = " and ".join(f"{k} {w}" for k, w in widths.items())
         return ("methods.gguf.variants",
@@ -186,8 +211,10 @@ BASELINE = Method(
 GGUF = Method(
     "gguf", Family.GGUF, "llama.cpp quantization types, from one F16 GGUF per model",
     module="llamacpp", env="llamacpp", counted=Bits.GGUF, shorthand=_gguf_name, example="Q4_K_M",
-    params={"type": Param(str, REQUIRED, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}")},
-    bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows)
+    params={"type": Param(str, REQUIRED, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}"),
+            # from the model's calibration tokens (`calibration`), computed once per model by llama-imatrix
+            "imatrix": Param(bool, False, (False, True))},
+    bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows, consistent=_gguf_consistent)
 GPTQ = Method(
     "gptq", Family.PACKED, "GPTQ through GPTQModel", module="packed", env="gptqmodel", counted=Bits.PACKED,
     calibrated=True, kernels=KERNELS, shorthand=_width_group_name, example="w4g128",

@@ -23,6 +23,9 @@ def text_cache(dataset: str, resources: str = RESOURCES) -> str:
 TEXT_CACHE = text_cache("{dataset}")
 TOOLS = f"{RESOURCES}/tools"
 CONVERTER = f"{TOOLS}/llama.cpp-{LLAMA_CPP_PYTHON_PIN}/convert_hf_to_gguf.py"  # llama.cpp's, from the pinned sdist
+# llama.cpp's own programs (llamacpp.TOOLS), built once from the same sdist's source by setup or the workflow
+LLAMA_TOOLS = f"{TOOLS}/llama.cpp-{LLAMA_CPP_PYTHON_PIN}-bin"
+LLAMA_TOOL = f"{LLAMA_TOOLS}/{{tool}}"
 
 # Once per model
 EVAL_TOKENS = f"{RESULTS}/{{model}}/data/eval_tokens.npy"
@@ -30,6 +33,9 @@ EVAL_TOKENS_META = f"{RESULTS}/{{model}}/data/eval_tokens.json"
 CALIB_TOKENS = f"{RESULTS}/{{model}}/data/calib_tokens.npy"
 CALIB_TOKENS_META = f"{RESULTS}/{{model}}/data/calib_tokens.json"
 F16_GGUF = f"{RESULTS}/{{model}}/gguf/F16.gguf"
+IMATRIX = f"{RESULTS}/{{model}}/gguf/imatrix.gguf"  # llama-imatrix's, from the calibration tokens
+IMATRIX_INFO = f"{RESULTS}/{{model}}/gguf/imatrix.json"
+IMATRIX_TEXT = f"{RESULTS}/{{model}}/gguf/imatrix-calibration.txt"  # the calibration tokens as the text it read
 
 # One directory per cell: its artifact, what quantizing it recorded, its metrics
 CELL = f"{RESULTS}/{{model}}/{{method}}/{{variant}}"

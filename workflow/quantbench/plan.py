@@ -23,8 +23,7 @@ class Plan:
         self._cell = {(c.model, c.method, c.variant): c for c in self.cells}
         self.text = textdata.describe_text(config["eval"]["text"], paths.RESOURCES, config["eval"]["protocol"])
         # With eval-holdout calibration, the leading tokens that calibrate GPTQ/AWQ are never scored, in any cell.
-        calibrated = any(METHODS[cell.method].calibrated for cell in self.cells)
-        skip = calibration.holdout_tokens(config["calibration"]) if calibrated else 0
+        skip = calibration.holdout_tokens(config["calibration"]) if any(c.calibrated for c in self.cells) else 0
         self.eval_settings = _json({**config["eval"], "skip_tokens": skip})
         self.text_settings = json.dumps(self.text)
         self.calibration_settings = _json(config["calibration"])
@@ -66,6 +65,22 @@ class Plan:
 
     def gguf_type(self, wildcards) -> str:
         return self._cell[wildcards.model, wildcards.method, wildcards.variant].params["type"]
+
+    def gguf_inputs(self, wildcards) -> dict:
+        """The F16 GGUF, and the model's importance matrix with llama-quantize where the variant asks for it
+        (llama-cpp-python's API cannot hand an importance matrix to the quantizer)."""
+        inputs = {"f16": paths.F16_GGUF.format(model=wildcards.model)}
+        if self._cell[wildcards.model, wildcards.method, wildcards.variant].params["imatrix"]:
+            inputs |= {"imatrix": paths.IMATRIX.format(model=wildcards.model),
+                       "imatrix_info": paths.IMATRIX_INFO.format(model=wildcards.model),
+                       "tool": paths.LLAMA_TOOL.format(tool="llama-quantize")}
+        return inputs
+
+    @staticmethod
+    def imatrix_args(wildcards, input) -> str:
+        if "imatrix" not in input.keys():
+            return ""
+        return f"--imatrix {input.imatrix} --imatrix-info {input.imatrix_info} --tool {input.tool}"
 
     def gpus(self, wildcards) -> int:
         """GPUs of a cell's transformers evaluation: its model's `gpus`."""
@@ -128,12 +143,16 @@ class Plan:
         if self.config["eval"]["tokens"] == "gguf":
             out += convert
         out.append(("tokenize", paths.EVAL_TOKENS.format(model=model), paths.log("tokenize", per_model)))
+        if cell.calibrated:
+            out.append(("calibration", paths.CALIB_TOKENS.format(model=model), paths.log("calibration", per_model)))
         if method.family is Family.GGUF:
             out += [s for s in convert if s not in out]
+            if cell.params["imatrix"]:
+                out += [("build llama.cpp's tools", paths.LLAMA_TOOL.format(tool="llama-imatrix"),
+                         paths.log("build_llama_tools")),
+                        ("imatrix", paths.IMATRIX.format(model=model), paths.log("imatrix", per_model))]
             out.append(("quantize", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))
-        if method.calibrated:
-            out.append(("calibration", paths.CALIB_TOKENS.format(model=model), paths.log("calibration", per_model)))
         if method.family is Family.PACKED:
             out.append(("quantize", paths.cell(paths.QUANTIZE_INFO, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))

@@ -53,8 +53,10 @@ class Section:
 def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: pd.DataFrame, n_references: int,
              claims: dict, tolerance_pct: float, budget_pct: float) -> list[Section]:
     main = df.assign(method=df["method"].replace({BASELINE.name: "FP16 (baseline)"}), size_MB=df["size_bytes"] / 1e6,
-                     peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]))[MAIN]
-    out = [Section("Results", _protocol_note(df) + _calibration_note(df) + _status_notes(df) + [
+                     peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]),
+                     variant=[f"{v} (imatrix)" if m and "imatrix" not in v else v
+                              for v, m in zip(df["variant"], _imatrix_cells(df))])[MAIN]
+    out = [Section("Results", _protocol_note(df) + _calibration_note(df) + _imatrix_note(df) + _status_notes(df) + [
         f"**{name}**: {spec['note']}" for name, spec in models.items() if spec.get("note")], main)]
     out.append(Section("Plots", ["Quality against bits per weight, with the Pareto front (no other cell is both "
                                  "smaller and better); size and evaluation speed of every cell."],
@@ -135,6 +137,27 @@ def _calibration_note(df: pd.DataFrame) -> list[str]:
         line += (f" They are the first {spec['n_tokens']} tokens of the evaluation stream, the offline default; "
                  "no cell scores them, so every row is scored on the tokens after them.")
     return [line]
+
+
+def _imatrix_cells(df: pd.DataFrame) -> pd.Series:
+    """The GGUF cells quantized with an importance matrix."""
+    params = df["params"] if "params" in df.columns else pd.Series(None, index=df.index, dtype=object)
+    return params.map(lambda p: isinstance(p, str) and json.loads(p).get("imatrix", False))
+
+
+def _imatrix_note(df: pd.DataFrame) -> list[str]:
+    marked = df[_imatrix_cells(df)]
+    if marked.empty:
+        return []
+    lines = []
+    for model, cells in marked.groupby("model", sort=False):
+        info = next((json.loads(i) for i in cells.get("imatrix", pd.Series(dtype=object)).dropna()), None)
+        made = (f"computed by llama-imatrix from the calibration tokens (`{info['calibration']['source']}`, "
+                f"{info['chunks']} chunks of {info['n_ctx']} tokens), never from scored ones" if info else
+                "computed by llama-imatrix from the calibration tokens")
+        lines.append(f"**Importance matrix** ({model}: {', '.join(cells['variant'])}): quantized with the model's "
+                     f"importance matrix, {made}.")
+    return lines
 
 
 def _status_notes(df: pd.DataFrame) -> list[str]:

@@ -40,3 +40,30 @@ rule tokenize_eval_text:
     shell:
         "python -m quantbench tokenize --text {params.text:q} {params.tokenizer} --ids {output.ids} "
         "--meta {output.meta} > {log} 2>&1"
+
+
+rule calibration_tokens:
+    """The calibration tokens of the calibration spec, drawn once per model for every cell that calibrates
+    (GPTQ, AWQ, a GGUF importance matrix)."""
+    input:
+        hf=rules.download_model.output[0],
+        eval_ids=rules.tokenize_eval_text.output.ids,
+    output:
+        ids=paths.CALIB_TOKENS,
+        meta=paths.CALIB_TOKENS_META,
+    log:
+        paths.log("calibration", paths.PER_MODEL),
+    benchmark:
+        paths.benchmark("calibration", paths.PER_MODEL)
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=scaled_by_attempt(4000),
+        runtime=60,
+    params:
+        spec=PLAN.calibration_settings,
+    shell:
+        "python -m quantbench calibrate --spec {params.spec:q} --hf {input.hf} --eval-ids {input.eval_ids} "
+        "--ids {output.ids} --meta {output.meta} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# The gguf method: HF -> F16 GGUF once per model, then one llama.cpp quantization per variant.
+# The gguf method: HF -> F16 GGUF once per model (and its importance matrix where a variant asks),
+# then one llama.cpp quantization per variant.
 rule fetch_gguf_converter:
     """llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist (fetched once)."""
     output:
@@ -40,9 +41,59 @@ rule convert_gguf:
         "python -m quantbench convert --hf {input.hf} --converter {input.converter} --out {output} > {log} 2>&1"
 
 
+rule build_llama_tools:
+    """llama.cpp's programs, built once from the pinned sdist's source (workflow/setup.sh builds them first)."""
+    output:
+        expand(paths.LLAMA_TOOL, tool=llamacpp.TOOLS),
+    log:
+        paths.log("build_llama_tools"),
+    benchmark:
+        paths.benchmark("build_llama_tools")
+    conda:
+        "../../envs/llamacpp.yaml"
+    threads: 8
+    resources:
+        gpu=0,
+        mem_mb=scaled_by_attempt(8000),
+        runtime=120,
+    params:
+        out=lambda wildcards, output: Path(output[0]).parent,  # paths.LLAMA_TOOLS
+    shell:
+        "python -m quantbench build-llama-tools --out {params.out} --jobs {threads} > {log} 2>&1"
+
+
+rule imatrix:
+    """The model's importance matrix from its calibration tokens, once per model (llama-imatrix)."""
+    input:
+        gguf=rules.convert_gguf.output[0],
+        calib=rules.calibration_tokens.output.ids,
+        calib_meta=rules.calibration_tokens.output.meta,
+        hf=rules.download_model.output[0],
+        tool=paths.LLAMA_TOOL.format(tool="llama-imatrix"),
+    output:
+        imatrix=paths.IMATRIX,
+        info=paths.IMATRIX_INFO,
+        text=paths.IMATRIX_TEXT,
+    log:
+        paths.log("imatrix", paths.PER_MODEL),
+    benchmark:
+        paths.benchmark("imatrix", paths.PER_MODEL)
+    conda:
+        PLAN.env(Family.GGUF)
+    threads: 8
+    resources:
+        gpu=0,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
+    shell:
+        "python -m quantbench imatrix --tool {input.tool} --gguf {input.gguf} --calib {input.calib} "
+        "--calib-meta {input.calib_meta} --hf {input.hf} --out {output.imatrix} --text-out {output.text} "
+        "--info {output.info} --threads {threads} > {log} 2>&1"
+
+
 rule quantize_gguf:
     input:
-        rules.convert_gguf.output[0],
+        unpack(PLAN.gguf_inputs),
     output:
         gguf=paths.GGUF_FILE,
         info=paths.QUANTIZE_INFO,
@@ -61,6 +112,7 @@ rule quantize_gguf:
         runtime=60,
     params:
         type=PLAN.gguf_type,
+        imatrix=PLAN.imatrix_args,
     shell:
-        "python -m quantbench quantize-gguf --src {input} --dst {output.gguf} --type {params.type} "
+        "python -m quantbench quantize-gguf --src {input.f16} --dst {output.gguf} --type {params.type} {params.imatrix} "
         "--threads {threads} --info {output.info} > {log} 2>&1"
