@@ -60,9 +60,6 @@ def _text(spec: dict) -> str:
 
 
 def _tokenize(text: str, hf_dir: str) -> np.ndarray:
-    from transformers import AutoTokenizer
+    from . import sources
 
-    from .sources import trusts_remote_code
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trusts_remote_code(hf_dir))
-    return np.asarray(tokenizer(text).input_ids, dtype=np.int32)
+    return np.asarray(sources.tokenizer(hf_dir)(text).input_ids, dtype=np.int32)

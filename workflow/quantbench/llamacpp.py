@@ -110,34 +110,34 @@ def imatrix(tool: str, gguf: str, calib_ids: str, calib_meta: str, hf_dir: str, 
     text by the model's tokenizer (llama-imatrix reads text), one chunk of seq_len per sample.
     Returns what it was computed from, for imatrix.json and the cells quantized with it."""
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from .sources import trusts_remote_code
+    from . import sources
 
     spec = io.read_json(calib_meta)
     samples = np.load(calib_ids)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trusts_remote_code(hf_dir))
+    tokenizer = sources.tokenizer(hf_dir)
     Path(text_out).write_text("\n".join(tokenizer.decode(s, skip_special_tokens=True) for s in samples),
                               encoding="utf-8")
     t0 = time.perf_counter()
     with io.atomic_path(out) as tmp:
-        proc = subprocess.run([tool, "-m", gguf, "-f", text_out, "-o", str(tmp), "-c", str(samples.shape[1]),
-                               "--chunks", str(samples.shape[0]), "-t", str(threads), "--no-ppl", "-ngl", "999"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sys.stderr.write(proc.stdout)
-        if proc.returncode != 0:
-            raise failures.from_exit(proc.returncode, _tool_error(proc.stdout))
-    chunks = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", proc.stdout)
+        output = _run_program([tool, "-m", gguf, "-f", text_out, "-o", str(tmp), "-c", str(samples.shape[1]),
+                               "--chunks", str(samples.shape[0]), "-t", str(threads), "--no-ppl", "-ngl", "999"])
+    chunks = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", output)
     return {"calibration": {k: spec[k] for k in ("source", "n_samples", "seq_len", "seed") if k in spec},
             "calibration_tokens_sha256": spec["tokens_sha256"],
             "chunks": int(chunks[1]) if chunks else None, "n_ctx": int(chunks[2]) if chunks else None,
             "imatrix_s": time.perf_counter() - t0, "threads": threads}
 
 
-def _tool_error(output: str) -> str:
-    """What a llama.cpp program said went wrong: its last line naming an error or failure."""
-    lines = [line.strip() for line in output.splitlines() if re.search(r"error|fail", line, re.IGNORECASE)]
-    return lines[-1] if lines else (output.strip().splitlines() or ["no output"])[-1]
+def _run_program(cmd: list[str]) -> str:
+    """Run one of llama.cpp's programs, its output copied to the job's log; a failure raises with the
+    last line of its output naming an error or failure."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sys.stderr.write(proc.stdout)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stdout.splitlines() if re.search(r"error|fail", line, re.IGNORECASE)]
+        raise failures.from_exit(proc.returncode, lines[-1] if lines else (proc.stdout.strip().splitlines() or ["no output"])[-1])
+    return proc.stdout
 
 
 def converter_architectures(converter: str | os.PathLike) -> set[str]:
@@ -203,11 +203,7 @@ def quantize(src: str, dst: str, gguf_type: str, threads: int, imatrix: str | No
     t0 = time.perf_counter()
     with io.atomic_path(dst) as tmp:
         if imatrix:
-            proc = subprocess.run([tool, "--imatrix", imatrix, src, str(tmp), gguf_type, str(threads)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            sys.stderr.write(proc.stdout)
-            if proc.returncode != 0:
-                raise failures.from_exit(proc.returncode, _tool_error(proc.stdout))
+            _run_program([tool, "--imatrix", imatrix, src, str(tmp), gguf_type, str(threads)])
         else:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = ftype

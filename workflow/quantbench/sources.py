@@ -159,4 +159,11 @@ def trusts_remote_code(hf_dir: str | Path) -> bool:
     return bool(provenance.is_file() and io.read_json(provenance)["spec"].get("trust_remote_code"))
 
 
+def tokenizer(hf_dir: str | Path):
+    """The model's own Hugging Face tokenizer, with its code where the config trusts it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trusts_remote_code(hf_dir))
+
+
 FETCHERS = {"hf": _from_hub, "path": _from_path, "gguf": _from_gguf}

@@ -146,11 +146,9 @@ def tokenize(described: dict, out_ids: str, out_meta: str, hf_dir: str | None = 
 
 
 def _hf_tokenize(hf_dir: str, text: str) -> tuple[list[int], dict]:
-    from transformers import AutoTokenizer
+    from . import sources
 
-    from .sources import trusts_remote_code
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trusts_remote_code(hf_dir))
+    tokenizer = sources.tokenizer(hf_dir)
     bos = tokenizer.bos_token_id
     return tokenizer(text).input_ids, {
         "kind": "hf",
