@@ -55,6 +55,31 @@ def test_variant_objects_name_a_gguf_type():
     assert (cell.variant, cell.params["type"], cell.bits) == ("q4km", "Q4_K_M", 4)
 
 
+def test_a_variant_without_a_name_takes_the_shorthand_that_means_exactly_it():
+    cfg = fresh()
+    cfg["methods"]["gguf"]["variants"] = [{"type": "Q4_K_M", "imatrix": True}, {"type": "Q8_0", "imatrix": False}]
+    cfg["methods"]["gptq"]["variants"] = [{"bits": 3}, {"bits": 4, "group_size": 64, "sym": True}]
+    cfg["methods"]["bnb"]["variants"] = [{"mode": "nf4"}]
+    named = {(c.method, c.variant): c.params for c in qc.cells(qc.validate(cfg)) if c.method in ("gguf", "gptq", "bnb")}
+    assert list(named) == [("gguf", "Q4_K_M-imatrix"), ("gguf", "Q8_0"), ("gptq", "w3g128"), ("gptq", "w4g64"),
+                           ("bnb", "nf4")]
+    assert named["gguf", "Q4_K_M-imatrix"] == {"type": "Q4_K_M", "imatrix": True}
+
+
+@pytest.mark.parametrize("variants, key, message", [
+    # sym: false is not what the name w4g128 means (its default is sym: true): two such variants would share it
+    ([{"bits": 4, "sym": False}], "methods.gptq.variants[0]", "a gptq variant that sets bits, sym needs a name"),
+    ([{"bits": 4}, "w4g128"], "methods.gptq.variants[1]", "variant 'w4g128' is listed twice"),
+    ([{"group_size": 64}], "methods.gptq.variants[0].bits", "gptq needs bits"),
+])
+def test_a_variant_without_a_name_that_no_shorthand_means_is_refused(variants, key, message):
+    cfg = fresh()
+    cfg["methods"]["gptq"]["variants"] = variants
+    with pytest.raises(qc.ConfigError) as err:
+        qc.validate(cfg)
+    assert (err.value.key, message in str(err.value)) == (key, True), str(err.value)
+
+
 def _hf(**extra):
     return {"source": "hf", "repo": "org/name", "revision": SHA, **extra}
 

@@ -143,10 +143,14 @@ def check(config: dict) -> None:
         seen = set()
         for i, variant in enumerate(spec["variants"]):
             key = f"methods.{name}.variants[{i}]"
+            _check_variant(method, key, variant)
+            try:
+                variant = spec["variants"][i] = method.named(variant)
+            except VariantError as exc:
+                raise ConfigError(key, str(exc)) from exc
             if variant_name(variant) in seen:
                 raise ConfigError(key, f"variant '{variant_name(variant)}' is listed twice")
             seen.add(variant_name(variant))
-            _check_variant(method, key, variant)
         for model in spec.get("models") or models:
             problem = method.architecture and local[model] and method.architecture(
                 model, architecture.widths(local[model]), spec["variants"])

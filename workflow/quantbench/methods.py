@@ -84,6 +84,9 @@ class Method:
     # The parameters a variant's name fixes (gguf "Q4_K_M": its type; gptq "w4g128": bits and group), or
     # None where the name is no shorthand. Only a name that fixes parameters may stand alone.
     shorthand: Callable[[str], dict | None] = lambda name: None
+    # The shorthand name of a variant's parameters ({type: Q4_K_M, imatrix: true} -> "Q4_K_M-imatrix"), or
+    # None: a variant without a name takes it where that name means exactly its parameters (see `named`).
+    spell: Callable[[dict], str | None] = lambda params: None
     calibrated: bool = False           # needs calibration tokens
     example: str = ""                  # a shorthand name, for messages
     cuda_only: str = ""                # why it runs only on CUDA: elsewhere its rows are 'skipped'
@@ -96,6 +99,18 @@ class Method:
     def calibrated_by(self, params: dict) -> bool:
         """Whether a variant needs the model's calibration tokens: the method's, or its importance matrix."""
         return self.calibrated or params.get("imatrix", False)
+
+    def named(self, variant):
+        """The variant with its name: a mapping without one is named by the shorthand whose parameters are
+        exactly its own, or refused (two variants differing in a key the name leaves out would share it)."""
+        if isinstance(variant, str) or "name" in variant:
+            return variant
+        params = self.variant_params(variant)
+        name = self.spell(params)
+        if name is None or self.shorthand(name) is None or self.variant_params(name) != params:
+            raise VariantError("", f"a {self.name} variant that sets {', '.join(sorted(variant))} needs a name: "
+                                   f"{{name: ..., {', '.join(f'{k}: {v}' for k, v in variant.items())}}}")
+        return {"name": name, **variant}
 
     def given_params(self, variant) -> dict:
         """What a variant says of its parameters: those its name fixes, then those it sets. Raises
@@ -135,7 +150,7 @@ class VariantError(ValueError):
 
 
 def variant_name(variant) -> str:
-    return variant if isinstance(variant, str) else variant["name"]
+    return variant if isinstance(variant, str) else variant.get("name", "")  # "" until `Method.named` names it
 
 
 # llama.cpp quantization types (name -> bits, for sorting and the claims tables).
@@ -168,6 +183,10 @@ def needs_imatrix(gguf_type: str) -> bool:
     return gguf_type.startswith("IQ")
 
 
+def _gguf_spelling(params: dict) -> str:
+    return params["type"] + (IMATRIX_SUFFIX if params["imatrix"] else "")
+
+
 def _gguf_consistent(params: dict):
     if needs_imatrix(params["type"]) and not params["imatrix"]:
         return ("imatrix", f"{params['type']} is quantized from an importance matrix: set imatrix: true, "
@@ -179,6 +198,10 @@ def _width_group_name(name: str) -> dict | None:
     """w4g128: 4 bits, groups of 128."""
     m = _WIDTH_GROUP.fullmatch(name)
     return {"bits": int(m["bits"]), "group_size": int(m["group"])} if m else None
+
+
+def _width_group_spelling(params: dict) -> str:
+    return f"w{params['bits']}g{params['group_size']}"
 
 
 def _k_quant_rows(model: str, widths: dict, variants: list):
@@ -210,33 +233,35 @@ BASELINE = Method(
     module=None, env="torch", bits=lambda params: 16)
 GGUF = Method(
     "gguf", Family.GGUF, "llama.cpp quantization types, from one F16 GGUF per model",
-    module="llamacpp", env="llamacpp", counted=Bits.GGUF, shorthand=_gguf_name, example="Q4_K_M",
+    module="llamacpp", env="llamacpp", counted=Bits.GGUF, shorthand=_gguf_name, spell=_gguf_spelling,
+    example="Q4_K_M",
     params={"type": Param(str, REQUIRED, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}"),
             # from the model's calibration tokens (`calibration`), computed once per model by llama-imatrix
             "imatrix": Param(bool, False, (False, True))},
     bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows, consistent=_gguf_consistent)
 GPTQ = Method(
     "gptq", Family.PACKED, "GPTQ through GPTQModel", module="packed", env="gptqmodel", counted=Bits.PACKED,
-    calibrated=True, kernels=KERNELS, shorthand=_width_group_name, example="w4g128",
+    calibrated=True, kernels=KERNELS, shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "desc_act": Param(bool, False, (False, True)), "sym": Param(bool, True, (False, True)),
             "damp": Param(float, 0.01, check=_fraction, meaning="a number in (0, 1)")})
 AWQ = Method(
     "awq", Family.PACKED, "AWQ through GPTQModel (4-bit GEMM with zero points)", module="packed", env="gptqmodel",
     counted=Bits.PACKED, calibrated=True, kernels=KERNELS, architecture=_awq_groups, shorthand=_width_group_name,
-    example="w4g128",
+    spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, 4, (4,)), "group_size": Param(int, 128, (64, 128)),
             "zero_point": Param(bool, True, (False, True))})
 RTN = Method(
     "rtn", Family.PACKED, "round-to-nearest in GPTQ's packing: the baseline GPTQ and AWQ must beat",
     module="packed", env="gptqmodel", counted=Bits.PACKED, kernels=KERNELS, shorthand=_width_group_name,
-    example="w4g128", params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
+    spell=_width_group_spelling, example="w4g128",
+    params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "sym": Param(bool, True, (False, True))})
 BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB = Method(
     "bnb", Family.LOAD_TIME, "bitsandbytes, quantized while loading", module="bnb", env="torch",
     counted=Bits.IN_MEMORY, bits=lambda params: BNB_BITS[params["mode"]], example="nf4",
-    shorthand=lambda name: {"mode": name} if name in BNB_BITS else None,
+    shorthand=lambda name: {"mode": name} if name in BNB_BITS else None, spell=lambda params: params["mode"],
     params={"mode": Param(str, REQUIRED, tuple(BNB_BITS)),
             "threshold": Param(float, 6.0, check=_positive, meaning="a positive number"),
             "double_quant": Param(bool, False, (False, True)),
