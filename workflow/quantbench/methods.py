@@ -19,7 +19,8 @@ class Family(enum.Enum):
     GGUF = "gguf"            # a GGUF file from llama.cpp's quantizer, evaluated in llama.cpp
     PACKED = "packed"        # a packed checkpoint directory, quantized once and loaded back in transformers
     LOAD_TIME = "load-time"  # quantized while transformers loads the model: nothing on disk
-    # Later families: PREQUANTIZED (an existing artifact evaluated as it is) and FINETUNE (adapters).
+    PREQUANTIZED = "prequantized"  # a quantized artifact someone published, evaluated as it is
+    # A later family: FINETUNE (adapters).
 
 
 # What the module of a family's methods provides (`Method.module`), for the workflow and the loaders.
@@ -27,7 +28,9 @@ MODULE_INTERFACE = {
     Family.GGUF: ("quantize",),                                 # F16 GGUF -> a llama.cpp type
     Family.PACKED: ("quantize_isolated", "run", "load", "backend"),  # quantize once, save; load back by a kernel
     Family.LOAD_TIME: ("quantization_config", "require"),       # transformers' config; what the machine needs
+    Family.PREQUANTIZED: ("fetch_gguf_file",),                  # the published artifact, as it is
 }
+LLAMA_CPP, TRANSFORMERS = "llama.cpp", "transformers"  # the backends that evaluate cells (`Method.backend`)
 
 
 class Bits(enum.Enum):
@@ -78,6 +81,7 @@ class Method:
     summary: str
     module: str | None                 # quantbench.<module> quantizes or loads it
     env: str                           # envs/<env>.yaml: the conda env of its jobs
+    backend: str = TRANSFORMERS        # what evaluates its cells (backends/)
     params: dict[str, Param] = field(default_factory=dict)
     bits: Callable[[dict], float] = lambda params: params["bits"]  # nominal bit width of a variant
     counted: Bits = Bits.STORED
@@ -233,8 +237,8 @@ BASELINE = Method(
     module=None, env="torch", bits=lambda params: 16)
 GGUF = Method(
     "gguf", Family.GGUF, "llama.cpp quantization types, from one F16 GGUF per model",
-    module="llamacpp", env="llamacpp", counted=Bits.GGUF, shorthand=_gguf_name, spell=_gguf_spelling,
-    example="Q4_K_M",
+    module="llamacpp", env="llamacpp", backend=LLAMA_CPP, counted=Bits.GGUF, shorthand=_gguf_name,
+    spell=_gguf_spelling, example="Q4_K_M",
     params={"type": Param(str, REQUIRED, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}"),
             # from the model's calibration tokens (`calibration`), computed once per model by llama-imatrix
             "imatrix": Param(bool, False, (False, True))},
@@ -271,10 +275,21 @@ EETQ = Method(
     counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8, example="int8",
     shorthand=lambda name: {} if name == "int8" else None)
 
-METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ)}
-CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family is not Family.BASELINE)
+# Its variants are a model's `gguf_files`: each names the file (a path, a wheel member, a Hub repo's file at a
+# pinned revision) and is evaluated beside that model's baseline, its vocabulary checked against the model's.
+GGUF_FILE = Method(
+    "gguf-file", Family.PREQUANTIZED, "a GGUF file published for the model (models.<m>.gguf_files), as it is",
+    module="sources", env="llamacpp", backend=LLAMA_CPP, counted=Bits.GGUF, bits=lambda params: None)
+
+METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ, GGUF_FILE)}
+# The methods of the config's `methods` section (the baseline is always there; published files are a model's)
+CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family not in (Family.BASELINE, Family.PREQUANTIZED))
 BASELINE_VARIANT = "fp16"
 
 
 def of_family(family: Family) -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if m.family is family)
+
+
+def of_backend(backend: str) -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.backend == backend)

@@ -40,6 +40,7 @@ IMATRIX_TEXT = f"{RESULTS}/{{model}}/gguf/imatrix-calibration.txt"  # the calibr
 # One directory per cell: its artifact, what quantizing it recorded, its metrics
 CELL = f"{RESULTS}/{{model}}/{{method}}/{{variant}}"
 GGUF_FILE = f"{CELL}/model.gguf"
+MODELFILE = f"{CELL}/Modelfile"  # beside the GGUF: `ollama create NAME -f` it
 PACKED_DIR = f"{CELL}/model"
 QUANTIZE_INFO = f"{CELL}/quantize.json"
 METRICS = f"{CELL}/metrics.json"

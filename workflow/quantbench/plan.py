@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import calibration, failures, io, paths, published, seals, sources, textdata
 from .config import cells
-from .methods import METHODS, Family, of_family
+from .methods import GGUF_FILE, LLAMA_CPP, METHODS, Family, of_backend, of_family
 
 
 def _json(value) -> str:
@@ -28,6 +28,8 @@ class Plan:
         self.text_settings = json.dumps(self.text)
         self.calibration_settings = _json(config["calibration"])
         self.models_settings = _json(config["models"])
+        self.generation_settings = _json({k: config["report"][k] for k in ("prompts", "max_new_tokens")})
+        self.ollama_settings = _json(config["ollama"])
 
     @property
     def model_pattern(self) -> str:
@@ -39,6 +41,11 @@ class Plan:
         return "|".join(of_family(family))
 
     @staticmethod
+    def backend_pattern(backend: str) -> str:
+        """The methods whose cells one backend evaluates (every GGUF file in llama.cpp)."""
+        return "|".join(map(re.escape, of_backend(backend)))
+
+    @staticmethod
     def env(family: Family) -> str:
         """The conda env of a family's jobs (its methods share one), relative to workflow/rules/."""
         (env,) = {METHODS[m].env for m in of_family(family)}
@@ -46,6 +53,11 @@ class Plan:
 
     def metrics(self) -> list[str]:
         return [cell.metrics for cell in self.cells]
+
+    def modelfiles(self) -> list[str]:
+        """The Ollama Modelfile of every cell with a GGUF file."""
+        return [paths.cell(paths.MODELFILE, c.model, c.method, c.variant) for c in self.cells
+                if METHODS[c.method].backend == LLAMA_CPP]
 
     # Job settings, as the rules pass them (functions of the job's wildcards)
 
@@ -58,10 +70,13 @@ class Plan:
         """The model's source: its note (prose for the report) and gpus are not, so editing them must not
         re-download. A local directory or file also gives its fingerprint, so new weights at the same
         path are noticed."""
-        spec = {k: v for k, v in self.config["models"][wildcards.model].items() if k not in ("note", "gpus")}
-        if "path" in spec:
-            spec["fingerprint"] = sources.fingerprint(spec["path"])
-        return _json(spec)
+        spec = {k: v for k, v in self.config["models"][wildcards.model].items() if k not in ("note", "gpus",
+                                                                                            "gguf_files")}
+        return _json(_fingerprinted(spec))
+
+    def gguf_file_settings(self, wildcards) -> str:
+        """Where a published GGUF file comes from (a local one with its fingerprint)."""
+        return _json(_fingerprinted(self.config["models"][wildcards.model]["gguf_files"][wildcards.variant]))
 
     def gguf_type(self, wildcards) -> str:
         return self._cell[wildcards.model, wildcards.method, wildcards.variant].params["type"]
@@ -153,6 +168,9 @@ class Plan:
                         ("imatrix", paths.IMATRIX.format(model=model), paths.log("imatrix", per_model))]
             out.append(("quantize", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))
+        if method is GGUF_FILE:
+            out.append(("fetch", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
+                        paths.log("fetch", per_cell)))
         if method.family is Family.PACKED:
             out.append(("quantize", paths.cell(paths.QUANTIZE_INFO, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))
@@ -196,6 +214,11 @@ class Plan:
         for file in Path(paths.REPORT_DIR).glob("*"):
             if file.is_file():
                 file.unlink()
+
+
+def _fingerprinted(spec: dict) -> dict:
+    """A source spec, with the fingerprint of its local path: new files at the same path are noticed."""
+    return spec | {"fingerprint": sources.fingerprint(spec["path"])} if "path" in spec else spec
 
 
 def scaled_by_attempt(mem_mb: int):

@@ -15,17 +15,19 @@ import numpy as np
 import pandas as pd
 
 from . import claims as claims_tables
-from . import guide, io, plots, published, summary
+from . import guide, io, paths, plots, published, summary
 from .methods import BASELINE, METHODS
 
 MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
-        "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "peak_MB", "quantize_s", "device"]
+        "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "pp_tokens_per_s", "tg_tokens_per_s",
+        "peak_MB", "quantize_s", "device"]
 # Every column any table shows: its heading in words, and how its numbers are written.
 DISPLAY = {
     "bits_per_weight": ("bits / weight", "{:.2f}"), "size_MB": ("size MB", "{:.1f}"),
     "size_ratio": ("size / FP16", "{:.2f}"), "ppl": ("perplexity", "{:.3f}"), "ppl_stderr": ("± stderr", "{:.3f}"),
     "delta_ppl_pct": ("ΔPPL %", "{:+.2f}"), "kl_mean": ("KL mean", "{:.4f}"), "kl_p99": ("KL p99", "{:.3f}"),
     "top1_agree": ("top-1 agree %", "{:.1%}"), "eval_tokens_per_s": ("tokens / s", "{:.0f}"),
+    "pp_tokens_per_s": ("pp512 tok/s", "{:.0f}"), "tg_tokens_per_s": ("tg128 tok/s", "{:.1f}"),
     "peak_MB": ("peak memory MB", "{:.0f}"), "quantize_s": ("quantize s", "{:.1f}"),
     "claimed_bytes_per_param": ("claimed bytes / param", "{:.2f}"),
     "measured_bytes_per_param": ("measured bytes / param", "{:.2f}"),
@@ -86,7 +88,43 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
         f"{budget_pct:g}% of its FP16 baseline (`report.quality_budget_pct`), and how it compares with the usual "
         "advice. Cells of different models are never ranked against each other: each scored its own token stream."],
         pd.DataFrame(guide.selection_guide(df, budget_pct))))
+    return out + _run_it(df) + _samples(df)
+
+
+def _samples(df: pd.DataFrame) -> list[Section]:
+    """Each prompt's greedy completion by every cell that generated, side by side, most bits first:
+    damage at 2-3 bits shows in the reading."""
+    if "samples" not in df.columns or df["samples"].isna().all():
+        return []
+    out = [Section("Samples", [
+        "One greedy completion of each prompt (`report.prompts`, at most `report.max_new_tokens` new tokens) per "
+        "GGUF cell, through llama-cpp-python's `Llama`, as a user message where the GGUF has a chat template. The "
+        "FP16 baseline runs in transformers, which does not generate here yet, so the top row is the best GGUF."])]
+    for model, cells in df[df["samples"].notna()].groupby("model", sort=True):
+        by_cell = [(f"{r.method} {r.variant}", json.loads(r.samples)) for r in cells.itertuples()]
+        for i, prompt in enumerate(s["prompt"] for s in by_cell[0][1]):
+            rows = [{"cell": name, "completion": samples[i]["completion"],
+                     "new tokens": f"{samples[i]['new_tokens']} ({samples[i]['finish_reason']})"}
+                    for name, samples in by_cell]
+            out.append(Section(f"{model}: “{prompt}”", [], pd.DataFrame(rows), level=3))
     return out
+
+
+def _run_it(df: pd.DataFrame) -> list[Section]:
+    """Where each GGUF cell's file and Modelfile are, and the command that gives it to Ollama."""
+    rows = []
+    for r in df.itertuples():
+        modelfile = Path(paths.cell(paths.MODELFILE, r.model, r.method, r.variant))
+        if modelfile.is_file():
+            rows.append({"cell": f"{r.model} {r.method} {r.variant}",
+                         "GGUF": paths.cell(paths.GGUF_FILE, r.model, r.method, r.variant),
+                         "Ollama": f"ollama create {r.model}-{r.variant.lower()} -f {modelfile}"})
+    if not rows:
+        return []
+    return [Section("Run it", [
+        "Each GGUF cell's file, with a Modelfile beside it: `FROM` the file, the chat template of its metadata in "
+        "Ollama's syntax, its stop tokens and `num_ctx` (and `ollama.system` / `ollama.parameters` from the "
+        "config). llama-cpp-python loads the same file: `Llama(model_path=...)`."], pd.DataFrame(rows))]
 
 
 def _bands(bands: dict, sign: str, unit: str) -> str:
@@ -115,7 +153,17 @@ def _protocol_note(df: pd.DataFrame) -> list[str]:
         "KL mean, KL p99: KL(FP16 ‖ cell) of the next-token distributions over the scored tokens (nats); "
         "top-1 agree: share of scored positions whose most likely token is FP16's. Bits / weight: "
         + _bits_note(df) + ". The FP16 baseline runs in the dtype of its compute_dtype column in summary.csv (fp32 on a CPU).",
+        *_speed_note(df),
     ]
+
+
+def _speed_note(df: pd.DataFrame) -> list[str]:
+    if df["pp_tokens_per_s"].isna().all():
+        return []
+    threads = sorted({json.loads(t)["threads"] for t in df.get("speed_test", pd.Series(dtype=object)).dropna()})
+    return ["pp512 / tg128: prompt processing of 512 tokens and generation of 128, in tokens/s, measured as "
+            f"`llama-bench` measures them (its defaults: 5 repetitions after a warm-up) on {threads} threads; "
+            "GGUF cells. Tokens / s is the evaluation's scoring throughput."]
 
 
 def _bits_note(df: pd.DataFrame) -> str:
@@ -195,9 +243,14 @@ def _rows(table: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, str]]]]:
 
 def _markdown_table(table: pd.DataFrame) -> str:
     headings, rows = _rows(table)
-    shown = pd.DataFrame([[f"**{t}**" if kind == "status" and t != "ok" else t for t, kind in r] for r in rows],
-                         columns=headings)
+    shown = pd.DataFrame([[f"**{t}**" if kind == "status" and t != "ok" else _one_line(t) for t, kind in r]
+                          for r in rows], columns=headings)
     return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def _one_line(text: str) -> str:
+    """A Markdown table cell: its line breaks as <br>, its pipes escaped."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
 
 
 def _inline(text: str) -> str:

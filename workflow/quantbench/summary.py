@@ -11,7 +11,7 @@ from .methods import BASELINE
 COLUMNS = [  # the CSV's leading columns; every other metric follows
     "model", "method", "variant", "status", "bits", "ppl", "ppl_stderr", "delta_ppl_pct", "kl_mean", "kl_p99",
     "top1_agree", "size_bytes", "size_ratio", "bits_per_weight", "weight_memory_mb", "eval_tokens_per_s",
-    "peak_rss_mb", "peak_vram_mb", "quantize_s", "device", "compute_dtype", "error",
+    "pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb", "peak_vram_mb", "quantize_s", "device", "compute_dtype", "error",
 ]
 
 def load(records: list[dict]) -> pd.DataFrame:

@@ -35,10 +35,11 @@ rule evaluate_baseline:
 
 
 rule evaluate_gguf:
-    """A GGUF cell in llama.cpp, fed the same token ids and windows as the baseline."""
+    """A GGUF cell in llama.cpp (quantized here or published), fed the same token ids and windows as the
+    baseline; then its speeds as llama-bench measures them and its completions of the config's prompts."""
     input:
-        gguf=rules.quantize_gguf.output.gguf,
-        info=rules.quantize_gguf.output.info,
+        gguf=paths.GGUF_FILE,
+        info=paths.QUANTIZE_INFO,
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
@@ -50,7 +51,7 @@ rule evaluate_gguf:
     benchmark:
         paths.benchmark("evaluate", paths.PER_CELL)
     wildcard_constraints:
-        method=PLAN.method_pattern(Family.GGUF),
+        method=PLAN.backend_pattern(LLAMA_CPP),
     conda:
         PLAN.env(Family.GGUF)
     threads: 8
@@ -61,10 +62,12 @@ rule evaluate_gguf:
     params:
         cell=PLAN.cell_settings,
         eval=PLAN.eval_settings,
+        generation=PLAN.generation_settings,
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.gguf} --quantize-info {input.info} "
         "--base-dir {input.hf} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
-        "--distributions {input.distributions} --threads {threads} --out {output} > {log} 2>&1"
+        "--distributions {input.distributions} --generation {params.generation:q} --threads {threads} "
+        "--out {output} > {log} 2>&1"
 
 
 rule evaluate_packed:

@@ -116,3 +116,26 @@ rule quantize_gguf:
     shell:
         "python -m quantbench quantize-gguf --src {input.f16} --dst {output.gguf} --type {params.type} {params.imatrix} "
         "--threads {threads} --info {output.info} > {log} 2>&1"
+
+
+rule ollama_modelfile:
+    """A Modelfile beside each GGUF cell's file: `ollama create NAME -f results/.../Modelfile`."""
+    input:
+        gguf=paths.GGUF_FILE,
+    output:
+        paths.MODELFILE,
+    log:
+        paths.log("modelfile", paths.PER_CELL),
+    wildcard_constraints:
+        method=PLAN.backend_pattern(LLAMA_CPP),
+    conda:
+        PLAN.env(Family.GGUF)
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=scaled_by_attempt(1000),
+        runtime=10,
+    params:
+        ollama=PLAN.ollama_settings,
+    shell:
+        "python -m quantbench modelfile --gguf {input.gguf} --out {output} --settings {params.ollama:q} > {log} 2>&1"

@@ -1,7 +1,9 @@
 rule report:
-    """Every cell's metrics.json -> results/report/: summary.csv, summary.md, report.html and the plots."""
+    """Every cell's metrics.json -> results/report/: summary.csv, summary.md, report.html and the plots (the
+    GGUF cells' Modelfiles are listed there)."""
     input:
         metrics=PLAN.metrics(),
+        modelfiles=PLAN.modelfiles(),
         references=PLAN.references,
     output:
         csv=report(f"{paths.REPORT_DIR}/summary.csv", category="Summary", labels={"file": "table (CSV)"}),

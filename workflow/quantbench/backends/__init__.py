@@ -111,9 +111,9 @@ def open_backend(method, params: dict, artifact: str, context: int, threads: int
                  trust_remote_code: bool = False, gpus: int = 1) -> Backend:
     """The backend that evaluates a cell of `method` (a methods.Method) from its artifact: a GGUF file
     (llama.cpp) or a Hugging Face directory (transformers; load-time methods quantize while loading)."""
-    from ..methods import Family
+    from ..methods import LLAMA_CPP
 
-    if method.family is Family.GGUF:
+    if method.backend == LLAMA_CPP:
         from .llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(artifact, context, threads)

@@ -1,5 +1,8 @@
-"""The llama.cpp backend: a GGUF file through llama-cpp-python's low-level API, fed token ids."""
+"""The llama.cpp backend: a GGUF file through llama-cpp-python's low-level API, fed token ids; and
+what its users feel: llama-bench's speeds, and completions through llama-cpp-python's `Llama`."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -17,7 +20,7 @@ class LlamaCppBackend:
     def __init__(self, gguf_path: str, context: int, threads: int):
         import llama_cpp as L
 
-        self.L = L
+        self.L, self.path, self.threads = L, gguf_path, threads
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         self.gpu = bool(L.llama_supports_gpu_offload())
@@ -37,8 +40,13 @@ class LlamaCppBackend:
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
         self.n_batch = cparams.n_batch
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the GGUF's vocabulary stores it (as the Hugging Face tokenizer spells it)."""
+        return self.L.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
     def info(self) -> dict:
         return {"backend": "llama.cpp", "device": "cuda" if self.gpu else "cpu", "compute_dtype": "gguf"}
@@ -70,6 +78,96 @@ class LlamaCppBackend:
                 out.append(logits if start + size == n else logits.copy())  # the next decode overwrites it
         logits = out[0] if len(out) == 1 else np.concatenate(out)
         return HostLogits(logits.reshape(n_seq, n_scored + 1, self.n_vocab))
+
+    # llama-bench's defaults: pp512 and tg128, 5 repetitions after a warm-up, batches of 2048 / 512
+    N_PROMPT, N_GEN, REPETITIONS = 512, 128, 5
+
+    def speed(self) -> dict:
+        """Prompt processing (pp512) and generation (tg128) tokens/s, measured as llama-bench measures them:
+        each test in its own context of its length, random tokens (BOS first where the vocabulary adds
+        one), a warm-up run, then the mean and standard deviation of each repetition's tokens/s."""
+        out = {}
+        for name, n_prompt, n_gen in (("pp", self.N_PROMPT, 0), ("tg", 0, self.N_GEN)):
+            rates = self._bench(n_prompt, n_gen)
+            out |= {f"{name}_tokens_per_s": float(rates.mean()), f"{name}_tokens_per_s_stdev": float(rates.std(ddof=1))}
+        return out | {"speed_test": {"n_prompt": self.N_PROMPT, "n_gen": self.N_GEN, "repetitions": self.REPETITIONS,
+                                     "threads": self.threads, "n_batch": self.N_BATCH, "n_ubatch": self.N_UBATCH,
+                                     "follows": "llama-bench"}}
+
+    def _bench(self, n_prompt: int, n_gen: int) -> np.ndarray:
+        L = self.L
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_prompt + n_gen
+        cparams.n_batch, cparams.n_ubatch = self.N_BATCH, self.N_UBATCH
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        ctx = L.llama_init_from_model(self.model, cparams)
+        batch = L.llama_batch_init(max(n_prompt, 1), 0, 1)
+        rng = np.random.default_rng(0)
+        bos = L.llama_vocab_bos(self.vocab) if L.llama_vocab_get_add_bos(self.vocab) else None
+
+        def decode(tokens: np.ndarray, first_pos: int) -> None:
+            n = tokens.size
+            np.ctypeslib.as_array(batch.token, shape=(n,))[:] = tokens
+            np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = np.arange(first_pos, first_pos + n)
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+            np.ctypeslib.as_array(batch.logits, shape=(n,))[:] = np.arange(n) == n - 1  # the last token's only
+            for k in range(n):
+                batch.seq_id[k][0] = 0
+            batch.n_tokens = n
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed in the speed test")
+            L.llama_synchronize(ctx)
+
+        def prompt() -> None:
+            tokens = rng.integers(self.n_vocab, size=n_prompt)
+            if bos is not None:
+                tokens[0] = bos
+            decode(tokens, 0)
+
+        def generate(n: int) -> None:
+            token = bos if bos is not None else rng.integers(self.n_vocab)
+            for pos in range(n):
+                decode(np.array([token]), pos)
+                token = rng.integers(self.n_vocab)
+
+        try:
+            prompt() if n_prompt else generate(1)  # warm-up
+            seconds = []
+            for _ in range(self.REPETITIONS):
+                L.llama_memory_clear(L.llama_get_memory(ctx), False)
+                start = time.perf_counter()
+                prompt() if n_prompt else generate(n_gen)
+                seconds.append(time.perf_counter() - start)
+        finally:
+            L.llama_batch_free(batch)
+            L.llama_free(ctx)
+        return (n_prompt or n_gen) / np.array(seconds)
+
+    def complete(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
+        """One greedy completion of each prompt through llama-cpp-python's high-level `Llama`, as its users
+        run it: a chat model (one whose GGUF has a chat template) gets each prompt as a user message."""
+        from llama_cpp import Llama
+
+        n_ctx = min(4096, self.L.llama_model_n_ctx_train(self.model))
+        llm = Llama(model_path=self.path, n_ctx=n_ctx, n_threads=self.threads, n_gpu_layers=-1 if self.gpu else 0,
+                    seed=0, verbose=False)
+        chat = "tokenizer.chat_template" in llm.metadata
+        greedy = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": max_new_tokens}
+        out = []
+        try:
+            for prompt in prompts:
+                if chat:
+                    reply = llm.create_chat_completion([{"role": "user", "content": prompt}], **greedy)
+                    text = reply["choices"][0]["message"]["content"]
+                else:
+                    reply = llm.create_completion(prompt, **greedy)
+                    text = reply["choices"][0]["text"]
+                out.append({"prompt": prompt, "chat": chat, "completion": text,
+                            "new_tokens": reply["usage"]["completion_tokens"],
+                            "finish_reason": reply["choices"][0]["finish_reason"]})
+        finally:
+            llm.close()
+        return out
 
     def peak_vram_mb(self) -> float | None:
         return None
