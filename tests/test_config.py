@@ -65,7 +65,8 @@ def test_published_gguf_files_are_cells_of_their_model():
 
 
 @pytest.mark.parametrize("spec, key, message", [
-    ({"repo": "a/b", "filename": "m.gguf"}, "models.smollm2-135m.gguf_files.x", "'revision' is a required property"),
+    ({"repo": "a/b", "filename": "m.gguf", "revision": SHA}, "models.smollm2-135m.gguf_files.x",
+     "'sha256' is a required property"),
     ({"path": "/x.gguf", "sha256": "abc"}, "models.smollm2-135m.gguf_files.x.sha256", "does not match"),
     ({"path": "/x.gguf", "type": "Q4_0"}, "models.smollm2-135m.gguf_files.x", "Additional properties"),
 ])

@@ -22,6 +22,7 @@ VARIANTS = {
     "bnb": [{"name": "int8", "mode": "int8"}, {"name": "nf4", "mode": "nf4", "double_quant": True}],
     "eetq": ["int8"],
 }
+PROMPTS = ["def main(", "The module"]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def methods_run(tmp_path_factory, tiny, odd_gguf):
         "methods": methods,
         "calibration": {"source": "eval-holdout", "n_samples": 8, "seq_len": 128},
         "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128},
+        "report": {"prompts": PROMPTS, "max_new_tokens": 8, "speed_repetitions": 2},
     })
     run = snakemake(work, config=cfg)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
@@ -60,6 +62,35 @@ def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
     base = df.loc[("baseline", "fp16"), "ppl"]
     for cell, row in ok.iterrows():
         assert abs(row["ppl"] - base) / base < 0.2, cell  # 4/8-bit on a tiny model: close to the baseline
+
+
+def test_every_cell_that_ran_generates_and_has_its_speeds(methods_run):
+    _, df, _ = methods_run
+    ok = df[df["status"] == "ok"]
+    assert (ok["pp_tokens_per_s"] > 0).all() and (ok["tg_tokens_per_s"] > 0).all(), ok[["pp_tokens_per_s", "error"]]
+    for (method, _), row in ok.iterrows():
+        test = json.loads(row["speed_test"])
+        assert (test["n_prompt"], test["n_gen"], test["batch"], test["repetitions"]) == (512, 128, 1, 2)
+        samples = json.loads(row["samples"])
+        assert [s["prompt"] for s in samples] == PROMPTS
+        assert all(s["chat"] is False and 0 < s["new_tokens"] <= 8 for s in samples), (method, samples)
+
+
+def test_the_baseline_completes_as_a_plain_argmax_loop_does(methods_run, tiny):
+    """transformers' generate, greedy, equals picking the most likely token again and again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, df, _ = methods_run
+    samples = json.loads(df.loc[("baseline", "fp16"), "samples"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny["hf"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=torch.float32).eval()
+    for sample in samples:
+        ids = tokenizer(sample["prompt"], return_tensors="pt").input_ids
+        with torch.inference_mode():
+            for _ in range(sample["new_tokens"]):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        prompt_len = tokenizer(sample["prompt"], return_tensors="pt").input_ids.shape[1]
+        assert tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True) == sample["completion"]
 
 
 def test_checkpoints_are_real_and_reload_in_transformers(methods_run):

@@ -55,6 +55,8 @@ def report_run(tmp_path_factory):
         path = work / "results" / "opt-125m" / method / variant / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"model": "opt-125m", "method": method, "variant": variant, **COMMON, **fields}))
+        if method == "gguf":  # the report lists each GGUF's Modelfile
+            (path.parent / "Modelfile").write_text("FROM ./model.gguf\n")
     run = snakemake(work, "--allowed-rules", "report", "results/report/report.html", config=cfg)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return work, cfg

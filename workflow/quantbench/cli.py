@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     dist.add_argument("--write-distributions", help="write this cell's distributions as the model's distributions.npz")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpus", type=int, default=1, help="GPUs a transformers model is spread across (when present)")
-    p.add_argument("--generation", help="prompts and max_new_tokens (the config's report section), as JSON: "
-                   "measure generation speed and complete the prompts")
+    p.add_argument("--generation", help="prompts, max_new_tokens and speed_repetitions (the config's report "
+                   "section), as JSON: measure generation speed and complete the prompts")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_evaluate)
 

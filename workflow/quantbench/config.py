@@ -193,6 +193,10 @@ def _check_model(name: str, model: dict) -> dict | None:
     key = f"models.{name}"
     if model["source"] == "gguf":
         _check_gguf_file(key, model)
+    for only_gguf in ("filename", "sha256", "wheel"):
+        if only_gguf in model and model["source"] != "gguf":
+            raise ConfigError(f"{key}.{only_gguf}", f"only a gguf source takes {only_gguf} (this one is "
+                                                    f"{model['source']})")
     for file, spec in model.get("gguf_files", {}).items():
         _check_gguf_file(f"{key}.gguf_files.{file}", spec)
     if model["source"] != "path":

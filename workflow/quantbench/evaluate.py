@@ -58,8 +58,8 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
                         baseline, recorder)
         kept = recorder.finish(artifact) if recorder else None
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": backend.peak_vram_mb(), **backend.info()}
-        if generation and hasattr(backend, "speed"):
-            record |= _run_as_users_do(backend, generation)
+        if generation:
+            record |= _run_as_users_do(backend, generation, base_dir or artifact)
         if method.counted is Bits.IN_MEMORY:
             record["bits_per_weight"] = artifacts.in_memory(record["weight_memory_mb"], record["n_params"])
     except Skipped as exc:
@@ -92,10 +92,11 @@ def _check_positions(model_dir: str, context: int) -> None:
         raise ValueError(problem)
 
 
-def _run_as_users_do(backend, generation: dict) -> dict:
+def _run_as_users_do(backend, generation: dict, model_dir: str) -> dict:
     """Speed and greedy completions: a failure here is the row's note, never the loss of its perplexity."""
     try:
-        return backend.speed() | {"samples": backend.complete(generation["prompts"], generation["max_new_tokens"])}
+        samples = backend.complete(generation["prompts"], generation["max_new_tokens"], model_dir)
+        return backend.speed(generation["speed_repetitions"]) | {"samples": samples}
     except Exception as exc:  # noqa: BLE001
         if failures.is_transient(exc):
             raise

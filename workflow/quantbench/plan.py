@@ -28,7 +28,8 @@ class Plan:
         self.text_settings = json.dumps(self.text)
         self.calibration_settings = _json(config["calibration"])
         self.models_settings = _json(config["models"])
-        self.generation_settings = _json({k: config["report"][k] for k in ("prompts", "max_new_tokens")})
+        self.generation_settings = _json({k: config["report"][k] for k in ("prompts", "max_new_tokens",
+                                                                          "speed_repetitions")})
         self.ollama_settings = _json(config["ollama"])
 
     @property

@@ -98,8 +98,8 @@ def _samples(df: pd.DataFrame) -> list[Section]:
         return []
     out = [Section("Samples", [
         "One greedy completion of each prompt (`report.prompts`, at most `report.max_new_tokens` new tokens) per "
-        "GGUF cell, through llama-cpp-python's `Llama`, as a user message where the GGUF has a chat template. The "
-        "FP16 baseline runs in transformers, which does not generate here yet, so the top row is the best GGUF."])]
+        "cell, as its users run it: GGUF cells through llama-cpp-python's `Llama`, the others through transformers' "
+        "`generate`; a user message through the chat template where the model has one. Most bits first."])]
     for model, cells in df[df["samples"].notna()].groupby("model", sort=True):
         by_cell = [(f"{r.method} {r.variant}", json.loads(r.samples)) for r in cells.itertuples()]
         for i, prompt in enumerate(s["prompt"] for s in by_cell[0][1]):
@@ -161,9 +161,10 @@ def _speed_note(df: pd.DataFrame) -> list[str]:
     if df["pp_tokens_per_s"].isna().all():
         return []
     threads = sorted({json.loads(t)["threads"] for t in df.get("speed_test", pd.Series(dtype=object)).dropna()})
-    return ["pp512 / tg128: prompt processing of 512 tokens and generation of 128, in tokens/s, measured as "
-            f"`llama-bench` measures them (its defaults: 5 repetitions after a warm-up) on {threads} threads; "
-            "GGUF cells. Tokens / s is the evaluation's scoring throughput."]
+    return ["pp512 / tg128: prompt processing of 512 tokens and generation of 128 at batch 1, in tokens/s, "
+            "measured for every backend as `llama-bench` measures llama.cpp (random tokens, a warm-up, then 5 runs "
+            f"from an empty cache; transformers with its KV cache) on {threads} CPU threads or the cell's GPU. "
+            "Tokens / s is the evaluation's scoring throughput."]
 
 
 def _bits_note(df: pd.DataFrame) -> str:

@@ -28,10 +28,12 @@ rule evaluate_baseline:
     params:
         cell=PLAN.cell_settings,
         eval=PLAN.eval_settings,
+        generation=PLAN.generation_settings,
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --threads {threads} --gpus {resources.gpu} "
-        "--write-distributions {output.distributions} --out {output.metrics} > {log} 2>&1"
+        "--write-distributions {output.distributions} --generation {params.generation:q} --out {output.metrics} "
+        "> {log} 2>&1"
 
 
 rule evaluate_gguf:
@@ -98,11 +100,12 @@ rule evaluate_packed:
         cell=PLAN.cell_settings,
         eval=PLAN.eval_settings,
         kernel=PLAN.kernel,
+        generation=PLAN.generation_settings,
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.model} --base-dir {input.hf} "
         "--quantize-info {input.info} --tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} "
-        "--distributions {input.distributions} --kernel {params.kernel} --threads {threads} --out {output} "
-        "> {log} 2>&1"
+        "--distributions {input.distributions} --kernel {params.kernel} --generation {params.generation:q} "
+        "--threads {threads} --out {output} > {log} 2>&1"
 
 
 rule evaluate_load_time:
@@ -131,7 +134,8 @@ rule evaluate_load_time:
     params:
         cell=PLAN.cell_settings,
         eval=PLAN.eval_settings,
+        generation=PLAN.generation_settings,
     shell:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --distributions {input.distributions} "
-        "--threads {threads} --gpus {resources.gpu} --out {output} > {log} 2>&1"
+        "--threads {threads} --gpus {resources.gpu} --generation {params.generation:q} --out {output} > {log} 2>&1"

@@ -14,6 +14,34 @@ CHUNK_ELEMENTS = 1 << 26  # logits normalized at once on a GPU (256 MB in fp32):
 CPU_CHUNK_ROWS = 64  # on a CPU, rows whose exponentials stay in cache
 
 
+# What users feel, measured the same way for every backend, as llama-bench measures it (its defaults):
+# prompt processing of N_PROMPT tokens and generation of N_GEN, at batch 1, each test a warm-up and then
+# REPETITIONS runs from an empty cache, reported as the mean and standard deviation of their tokens/s.
+N_PROMPT, N_GEN, REPETITIONS = 512, 128, 5
+
+
+def rates(run, reset, n_tokens: int, repetitions: int) -> np.ndarray:
+    """Tokens/s of each of `repetitions` timed calls of `run` (after `reset`), after a warm-up call."""
+    import time
+
+    run(warm_up=True)
+    seconds = []
+    for _ in range(repetitions):
+        reset()
+        start = time.perf_counter()
+        run(warm_up=False)
+        seconds.append(time.perf_counter() - start)
+    return n_tokens / np.array(seconds)
+
+
+def speed_record(pp: np.ndarray, tg: np.ndarray, **test) -> dict:
+    """A speed test's figures for metrics.json (`test`: what else decided them: threads, batch sizes)."""
+    return {"pp_tokens_per_s": float(pp.mean()), "pp_tokens_per_s_stdev": float(pp.std(ddof=1)),
+            "tg_tokens_per_s": float(tg.mean()), "tg_tokens_per_s_stdev": float(tg.std(ddof=1)),
+            "speed_test": {"n_prompt": N_PROMPT, "n_gen": N_GEN, "repetitions": pp.size, **test,
+                           "follows": "llama-bench"}}
+
+
 class Skipped(Exception):
     """A cell that cannot run on this machine (a CUDA-only method or kernel without CUDA)."""
 
@@ -99,6 +127,14 @@ class Backend(Protocol):
 
     def info(self) -> dict:
         """backend, device, compute_dtype, and where known kernel and weight_memory_mb (for metrics.json)."""
+
+    def speed(self, repetitions: int = REPETITIONS) -> dict:
+        """pp and tg tokens/s (N_PROMPT, N_GEN) as llama-bench measures them: `speed_record`'s figures."""
+
+    def complete(self, prompts: list[str], max_new_tokens: int, model_dir: str) -> list[dict]:
+        """One greedy completion of each prompt as the backend's users run it (a user message through the
+        chat template of the model's tokenizer in model_dir, where it has one): prompt, chat, completion,
+        new_tokens, finish_reason."""
 
     def peak_vram_mb(self) -> float | None:
         """Peak GPU memory of the evaluation, or None off a GPU."""

@@ -2,11 +2,9 @@
 what its users feel: llama-bench's speeds, and completions through llama-cpp-python's `Llama`."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from . import HostLogits
+from . import N_GEN, N_PROMPT, REPETITIONS, HostLogits, rates, speed_record
 
 
 class LlamaCppBackend:
@@ -79,22 +77,13 @@ class LlamaCppBackend:
         logits = out[0] if len(out) == 1 else np.concatenate(out)
         return HostLogits(logits.reshape(n_seq, n_scored + 1, self.n_vocab))
 
-    # llama-bench's defaults: pp512 and tg128, 5 repetitions after a warm-up, batches of 2048 / 512
-    N_PROMPT, N_GEN, REPETITIONS = 512, 128, 5
+    def speed(self, repetitions: int = REPETITIONS) -> dict:
+        """pp512 and tg128 as llama-bench measures them: each test in its own context of its length, random
+        tokens (BOS first where the vocabulary adds one), batches of N_BATCH / N_UBATCH."""
+        pp, tg = self._bench(N_PROMPT, 0, repetitions), self._bench(0, N_GEN, repetitions)
+        return speed_record(pp, tg, threads=self.threads, n_batch=self.N_BATCH, n_ubatch=self.N_UBATCH)
 
-    def speed(self) -> dict:
-        """Prompt processing (pp512) and generation (tg128) tokens/s, measured as llama-bench measures them:
-        each test in its own context of its length, random tokens (BOS first where the vocabulary adds
-        one), a warm-up run, then the mean and standard deviation of each repetition's tokens/s."""
-        out = {}
-        for name, n_prompt, n_gen in (("pp", self.N_PROMPT, 0), ("tg", 0, self.N_GEN)):
-            rates = self._bench(n_prompt, n_gen)
-            out |= {f"{name}_tokens_per_s": float(rates.mean()), f"{name}_tokens_per_s_stdev": float(rates.std(ddof=1))}
-        return out | {"speed_test": {"n_prompt": self.N_PROMPT, "n_gen": self.N_GEN, "repetitions": self.REPETITIONS,
-                                     "threads": self.threads, "n_batch": self.N_BATCH, "n_ubatch": self.N_UBATCH,
-                                     "follows": "llama-bench"}}
-
-    def _bench(self, n_prompt: int, n_gen: int) -> np.ndarray:
+    def _bench(self, n_prompt: int, n_gen: int, repetitions: int) -> np.ndarray:
         L = self.L
         cparams = L.llama_context_default_params()
         cparams.n_ctx = n_prompt + n_gen
@@ -118,34 +107,29 @@ class LlamaCppBackend:
                 raise RuntimeError("llama_decode failed in the speed test")
             L.llama_synchronize(ctx)
 
-        def prompt() -> None:
-            tokens = rng.integers(self.n_vocab, size=n_prompt)
-            if bos is not None:
-                tokens[0] = bos
-            decode(tokens, 0)
-
-        def generate(n: int) -> None:
+        def run(warm_up: bool) -> None:
+            if n_prompt:  # the whole prompt, warm-up or not
+                tokens = rng.integers(self.n_vocab, size=n_prompt)
+                if bos is not None:
+                    tokens[0] = bos
+                decode(tokens, 0)
+                return
             token = bos if bos is not None else rng.integers(self.n_vocab)
-            for pos in range(n):
+            for pos in range(1 if warm_up else n_gen):
                 decode(np.array([token]), pos)
                 token = rng.integers(self.n_vocab)
 
         try:
-            prompt() if n_prompt else generate(1)  # warm-up
-            seconds = []
-            for _ in range(self.REPETITIONS):
-                L.llama_memory_clear(L.llama_get_memory(ctx), False)
-                start = time.perf_counter()
-                prompt() if n_prompt else generate(n_gen)
-                seconds.append(time.perf_counter() - start)
+            return rates(run, lambda: L.llama_memory_clear(L.llama_get_memory(ctx), False), n_prompt or n_gen,
+                         repetitions)
         finally:
             L.llama_batch_free(batch)
             L.llama_free(ctx)
-        return (n_prompt or n_gen) / np.array(seconds)
 
-    def complete(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    def complete(self, prompts: list[str], max_new_tokens: int, model_dir: str | None = None) -> list[dict]:
         """One greedy completion of each prompt through llama-cpp-python's high-level `Llama`, as its users
-        run it: a chat model (one whose GGUF has a chat template) gets each prompt as a user message."""
+        run it: a chat model (one whose GGUF has a chat template) gets each prompt as a user message. The
+        GGUF carries its own tokenizer and template: model_dir is not read."""
         from llama_cpp import Llama
 
         n_ctx = min(4096, self.L.llama_model_n_ctx_train(self.model))

@@ -10,7 +10,7 @@ import torch
 
 from .. import io
 from ..methods import Family
-from . import Head, HeadLogits, Skipped
+from . import N_GEN, N_PROMPT, REPETITIONS, Head, HeadLogits, Skipped, rates, speed_record
 
 HEAD_CHECK_ROWS = 128  # positions the head check compares: full-vocabulary fp32 rows, so a bounded few
 
@@ -116,6 +116,69 @@ class TransformersBackend:
             self.head_checked = False
             raise ValueError(f"the model's output head cannot be recomputed from its inputs and weights: "
                              f"log-probabilities differ by up to {float(error.max()):.3g} ({self.dtype} logits)")
+
+    def speed(self, repetitions: int = REPETITIONS) -> dict:
+        """Prefill (pp512) and decode (tg128) tokens/s at batch 1 with the model's KV cache, measured as
+        llama-bench measures llama.cpp's: random tokens, a warm-up, then runs from an empty cache."""
+        from transformers import DynamicCache
+
+        vocab = self.head.weight.shape[0]
+        rng = np.random.default_rng(0)
+        state = {}
+
+        def step(ids) -> None:
+            self.model(input_ids=torch.as_tensor(ids, device=self.input_device).reshape(1, -1),
+                       past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+
+        def reset() -> None:
+            state["cache"] = DynamicCache(config=self.model.config)
+
+        def prefill(warm_up: bool) -> None:
+            step(rng.integers(vocab, size=N_PROMPT))
+
+        def decode(warm_up: bool) -> None:
+            for _ in range(1 if warm_up else N_GEN):
+                step(rng.integers(vocab, size=1))
+
+        with torch.inference_mode():
+            reset()
+            pp = rates(prefill, reset, N_PROMPT, repetitions)
+            reset()
+            tg = rates(decode, reset, N_GEN, repetitions)
+        return speed_record(pp, tg, threads=torch.get_num_threads(), batch=1)
+
+    def complete(self, prompts: list[str], max_new_tokens: int, model_dir: str) -> list[dict]:
+        """One greedy completion of each prompt with transformers' generate, as its users run it: a user
+        message through the chat template of the model's tokenizer (in model_dir), where it has one."""
+        from ..sources import tokenizer as load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        configured = self.model.generation_config.eos_token_id
+        eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+        out = []
+        with torch.inference_mode():
+            for prompt in prompts:
+                if chat:
+                    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                        add_generation_prompt=True, return_tensors="pt")
+                    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+                else:
+                    ids = tokenizer(prompt, return_tensors="pt").input_ids
+                new = self.model.generate(input_ids=ids.to(self.input_device), max_new_tokens=max_new_tokens,
+                                          do_sample=False, attention_mask=torch.ones_like(ids).to(self.input_device),
+                                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)[0, ids.shape[1]:]
+                stopped = new.numel() > 0 and int(new[-1]) in eos
+                new = new[:-1] if stopped else new
+                out.append({"prompt": prompt, "chat": chat, "completion": tokenizer.decode(new, skip_special_tokens=True),
+                            "new_tokens": new.numel(), "finish_reason": "stop" if stopped else "length"})
+        return out
+
+    @property
+    def input_device(self):
+        return self.model.get_input_embeddings().weight.device
 
     def peak_vram_mb(self) -> float | None:
         """Summed over the GPUs the model spans."""
