@@ -11,7 +11,7 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from quantbench import config as qbconfig, llamacpp, paths, plots, seals, textdata
-from quantbench.methods import LLAMA_CPP, Family
+from quantbench.methods import CHECKPOINT, GGUF_FILE, LLAMA_CPP, Family
 from quantbench.plan import Plan, scaled_by_attempt
 
 # The default matrix, unless --configfile names another (then only that one: no silent merge).

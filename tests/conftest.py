@@ -98,3 +98,20 @@ def odd_gguf(tiny, converter) -> Path:
     subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf),
                     "--outtype", "q8_0", "--outfile", str(out)], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def other_vocab(tiny) -> Path:
+    """Another model (HF dir): a tokenizer of 512 merges plus the byte pieces, not the tiny model's
+    vocabulary, and random one-layer weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = tiny["root"] / "other-vocab"
+    tokenizer = tinymodel.build_tokenizer(tinymodel.corpus(), hf, vocab_size=512)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(hf)
+    return hf

@@ -33,21 +33,9 @@ def chat_model(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def other_vocab_gguf(tiny, converter) -> Path:
-    """A GGUF of another model: a tokenizer of 512 pieces, not the tiny model's 1024 or so."""
-    import tinymodel
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf = tiny["root"] / "other-vocab"
-    tokenizer = tinymodel.build_tokenizer(tinymodel.corpus(), hf, vocab_size=512)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float16).save_pretrained(hf)
-    out = tiny["root"] / "other-vocab.Q8_0.gguf"
-    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf), "--outtype", "q8_0",
+def other_vocab_gguf(other_vocab, converter) -> Path:
+    out = other_vocab.parent / "other-vocab.Q8_0.gguf"
+    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(other_vocab), "--outtype", "q8_0",
                     "--outfile", str(out)], check=True, capture_output=True)
     return out
 

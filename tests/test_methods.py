@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import snakemake, write_config
 
 from quantbench.backends import Skipped
@@ -93,6 +95,28 @@ def test_the_baseline_completes_as_a_plain_argmax_loop_does(methods_run, tiny):
         assert tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True) == sample["completion"]
 
 
+# vLLM 0.33.0's loaders, vllm/model_executor/layers/quantization/auto_gptq.py (AutoGPTQConfig.from_config:
+# get_from_keys bits, group_size, desc_act, sym) and auto_awq.py (AutoAWQConfig.from_config: w_bit|bits,
+# q_group_size|group_size, zero_point): the keys a checkpoint's quantization_config must carry to be served.
+VLLM_0_33_REQUIRES = {"gptq": [("bits",), ("group_size",), ("desc_act",), ("sym",)],
+                      "awq": [("w_bit", "bits"), ("q_group_size", "group_size"), ("zero_point",)]}
+
+
+def test_checkpoints_carry_what_vllm_reads_and_the_report_says_who_serves_them(methods_run):
+    work, df, _ = methods_run
+    for method in ("gptq", "awq", "rtn"):
+        qc = json.loads((work / "results" / "tiny" / method / "w4g128" / "model" / "config.json").read_text())[
+            "quantization_config"]
+        required = VLLM_0_33_REQUIRES["awq" if method == "awq" else "gptq"]
+        assert all(any(name in qc for name in names) for names in required), (method, qc)
+        row = df.loc[(method, "w4g128")]
+        assert json.loads(row["quantization_config"]) == qc
+        # GPTQ/RTN here are symmetric 4-bit (sym defaults to true): vLLM's gptq loader takes them
+        assert row["vllm_quantization"] == ("awq" if method == "awq" else "gptq"), row["vllm_note"]
+    summary = (work / "results" / "report" / "summary.md").read_text()
+    assert "## Run it" in summary and "--quantization awq (or awq_marlin; vLLM 0.33.0" in summary
+
+
 def test_checkpoints_are_real_and_reload_in_transformers(methods_run):
     from transformers import AutoModelForCausalLM
 
@@ -141,3 +165,68 @@ def test_bnb_reports_its_in_memory_footprint(methods_run):
 def test_a_gpu_kernel_is_skipped_on_a_cpu(tmp_path):
     with pytest.raises(Skipped, match="triton kernel needs CUDA"):
         TransformersBackend.load(GPTQ, {}, str(tmp_path), threads=1, kernel="triton")
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoints(tiny, other_vocab, tmp_path_factory) -> dict:
+    """Saved bitsandbytes nf4 checkpoints (as a Hub repo would publish them): the tiny model's, and another
+    model's with another vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    out = {}
+    for name, hf in (("tiny-nf4", tiny["hf"]), ("other-nf4", other_vocab)):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(hf, quantization_config=config, device_map="cpu",
+                                                     dtype=torch.float32)
+        out[name] = tmp_path_factory.mktemp("published") / name
+        model.save_pretrained(out[name])
+        AutoTokenizer.from_pretrained(hf).save_pretrained(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def published_run(methods_run, bnb_checkpoints, tmp_path_factory):
+    """The same matrix with published checkpoints added: a copy of its own GPTQ checkpoint elsewhere, and the
+    saved bitsandbytes ones. Only the new cells run."""
+    work, _, _ = methods_run
+    copy = tmp_path_factory.mktemp("copied") / "tiny-gptq"
+    shutil.copytree(work / "results" / "tiny" / "gptq" / "w4g128" / "model", copy,
+                    ignore=shutil.ignore_patterns("*.seal.json"))
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["models"]["tiny"]["checkpoints"] = {"copied-gptq": {"path": str(copy)}, **{
+        name: {"path": str(path)} for name, path in bnb_checkpoints.items()}}
+    run = snakemake(work, config=write_config(work, config))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "quantize_packed" not in run.stdout  # nothing quantized again
+    df = pd.read_csv(work / "results" / "report" / "summary.csv").set_index(["model", "method", "variant"])
+    return work, df.loc["tiny"]
+
+
+def test_a_published_gptq_checkpoint_scores_as_its_own_cell(published_run):
+    _, df = published_run
+    copied, own = df.loc[("checkpoint", "copied-gptq")], df.loc[("gptq", "w4g128")]
+    assert copied["status"] == "ok", copied["error"]
+    assert copied["ppl"] == own["ppl"] and copied["kl_mean"] == own["kl_mean"]
+    assert copied["bits_per_weight"] == own["bits_per_weight"] and copied["vllm_quantization"] == "gptq"
+    assert json.loads(copied["quantization_config"]) == json.loads(own["quantization_config"])
+
+
+def test_a_saved_bitsandbytes_checkpoint_scores_as_quantizing_at_load_does(published_run):
+    _, df = published_run
+    saved, at_load = df.loc[("checkpoint", "tiny-nf4")], df.loc[("bnb", "nf4")]
+    assert saved["status"] == "ok", saved["error"]
+    assert saved["ppl"] == pytest.approx(at_load["ppl"], rel=1e-6)
+    assert json.loads(saved["quantization_config"])["quant_method"] == "bitsandbytes"
+    assert pd.isna(saved["vllm_quantization"]) and "no GPTQ or AWQ" in saved["vllm_note"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_scoring(published_run, other_vocab):
+    work, df = published_run
+    other = df.loc[("checkpoint", "other-nf4")]
+    n_other = json.loads((other_vocab / "config.json").read_text())["vocab_size"]
+    n_tiny = json.loads((work / "resources" / "models" / "tiny" / "hf" / "config.json").read_text())["vocab_size"]
+    assert other["status"] == "failed" and pd.isna(other["ppl"])
+    assert f"its vocabulary has {n_other} tokens, the model's {n_tiny}; refused before scoring" in other["error"]
+    summary = (work / "results" / "report" / "summary.md").read_text()
+    assert "**Published: tiny checkpoint copied-gptq**, taken as it is from" in summary

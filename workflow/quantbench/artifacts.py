@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from . import io
-from .methods import Bits, Method
+from .methods import Bits, Family, Method
 
 
 def gguf_stats(path: str) -> dict:
@@ -54,7 +54,8 @@ def measure(method: Method, artifact: str, base_dir: str | None = None, quantize
     loaded (`in_memory`)."""
     info = io.read_json(quantize_info) if quantize_info else {}
     if info.get("status", "ok") != "ok":
-        raise RuntimeError(f"quantization failed: {info['error']}")
+        what = "taking it" if method.family is Family.PREQUANTIZED else "quantization"
+        raise RuntimeError(f"{what} failed: {info['error']}")
     if method.counted is Bits.GGUF:  # read once at quantize time, not by every evaluation
         return info if "tensor_types" in info else gguf_stats(artifact) | info
     stats = safetensors_stats(artifact)

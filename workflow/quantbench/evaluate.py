@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import architecture, artifacts, failures, io
+from . import architecture, artifacts, failures, io, serving
 from .backends import Skipped, open_backend
 from .distributions import Distributions, Recorder
 from .methods import METHODS, Bits, Family
@@ -44,6 +44,9 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
     backend, kept = None, None
     try:
         record |= artifacts.measure(method, artifact, base_dir, quantize_info)
+        if method.counted is Bits.PACKED:  # a checkpoint directory: what it says of itself, and who serves it
+            qc = io.read_json(Path(artifact) / "config.json").get("quantization_config")
+            record |= {"quantization_config": qc, **serving.vllm(qc)}
         _check_positions(base_dir or artifact, protocol.context)
         baseline = Distributions.load(distributions, base_dir or artifact) if distributions else None
         if baseline is not None and baseline.targets.size == 0:
@@ -105,19 +108,18 @@ def _run_as_users_do(backend, generation: dict, model_dir: str) -> dict:
 
 
 def _check_vocabulary(backend, base_dir: str, tokens: np.ndarray, model: str) -> None:
-    """A published file scores its base model's token ids, so it must have the base model's vocabulary:
-    as many tokens, and each id of the evaluation text spelled the same."""
+    """A published artifact scores its model's token ids, so it must have the model's vocabulary: as many
+    tokens, and each id of the evaluation text spelled the same (where it carries a tokenizer)."""
     config = io.read_json(Path(base_dir) / "config.json")
     width = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if backend.n_vocab != width:
         raise ValueError(f"not a quantization of model '{model}': its vocabulary has {backend.n_vocab} tokens, the "
                          f"model's {width}; refused before scoring")
-    spelled = tokenizer(base_dir).convert_ids_to_tokens([int(t) for t in np.unique(tokens)])
-    for token, text in zip(np.unique(tokens), spelled):
-        if backend.token_text(int(token)) != text:
-            raise ValueError(f"not a quantization of model '{model}': token {token} is "
-                             f"{backend.token_text(int(token))!r} in its vocabulary, {text!r} in the model's tokenizer; "
-                             "refused before scoring")
+    ids = [int(t) for t in np.unique(tokens)]
+    for token, theirs, ours in zip(ids, backend.token_texts(ids) or [], tokenizer(base_dir).convert_ids_to_tokens(ids)):
+        if theirs != ours:
+            raise ValueError(f"not a quantization of model '{model}': token {token} is {theirs!r} in its vocabulary, "
+                             f"{ours!r} in the model's tokenizer; refused before scoring")
 
 
 def run(out: str, cell: dict, *args, **kwargs) -> None:

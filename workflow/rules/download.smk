@@ -30,17 +30,43 @@ rule fetch_gguf_file:
     benchmark:
         paths.benchmark("fetch", paths.PER_CELL)
     wildcard_constraints:
-        method=PLAN.method_pattern(Family.PREQUANTIZED),
+        method=GGUF_FILE.name,
     conda:
-        PLAN.env(Family.PREQUANTIZED)
+        PLAN.method_env(GGUF_FILE)
     threads: 1
     resources:
         gpu=0,
         mem_mb=scaled_by_attempt(2000),
         runtime=240,
     params:
-        spec=PLAN.gguf_file_settings,
+        spec=PLAN.published_settings,
         cache=paths.DOWNLOAD_CACHE,
     shell:
-        "python -m quantbench fetch-gguf-file --spec {params.spec:q} --out {output.gguf} --info {output.info} "
-        "--cache {params.cache} > {log} 2>&1"
+        "python -m quantbench fetch-published --method {wildcards.method} --spec {params.spec:q} "
+        "--out {output.gguf} --info {output.info} --cache {params.cache} > {log} 2>&1"
+
+
+rule fetch_checkpoint:
+    """A quantized checkpoint published for a model (models.<m>.checkpoints), taken as it is."""
+    output:
+        model=directory(paths.PACKED_DIR),
+        info=paths.QUANTIZE_INFO,
+    log:
+        paths.log("fetch", paths.PER_CELL),
+    benchmark:
+        paths.benchmark("fetch", paths.PER_CELL)
+    wildcard_constraints:
+        method=CHECKPOINT.name,
+    conda:
+        PLAN.method_env(CHECKPOINT)
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=scaled_by_attempt(2000),
+        runtime=240,
+    params:
+        spec=PLAN.published_settings,
+        cache=paths.DOWNLOAD_CACHE,
+    shell:
+        "python -m quantbench fetch-published --method {wildcards.method} --spec {params.spec:q} "
+        "--out {output.model} --info {output.info} --cache {params.cache} > {log} 2>&1"

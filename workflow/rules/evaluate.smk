@@ -73,10 +73,11 @@ rule evaluate_gguf:
 
 
 rule evaluate_packed:
-    """A packed checkpoint, loaded back through GPTQModel by the method's kernel."""
+    """A packed checkpoint (quantized here or published), loaded back through GPTQModel by the method's
+    kernel, or by transformers for a published bitsandbytes one."""
     input:
-        model=rules.quantize_packed.output.model,
-        info=rules.quantize_packed.output.info,
+        model=paths.PACKED_DIR,
+        info=paths.QUANTIZE_INFO,
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
@@ -88,7 +89,7 @@ rule evaluate_packed:
     benchmark:
         paths.benchmark("evaluate", paths.PER_CELL)
     wildcard_constraints:
-        method=PLAN.method_pattern(Family.PACKED),
+        method=PLAN.checkpoint_pattern(),
     conda:
         PLAN.env(Family.PACKED)
     threads: 8

@@ -42,9 +42,9 @@ class LlamaCppBackend:
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
 
-    def token_text(self, token: int) -> str:
-        """A token's text as the GGUF's vocabulary stores it (as the Hugging Face tokenizer spells it)."""
-        return self.L.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+    def token_texts(self, tokens: list[int]) -> list[str]:
+        """Each token's text as the GGUF's vocabulary stores it (as the Hugging Face tokenizer spells it)."""
+        return [self.L.llama_vocab_get_text(self.vocab, t).decode("utf-8", errors="replace") for t in tokens]
 
     def info(self) -> dict:
         return {"backend": "llama.cpp", "device": "cuda" if self.gpu else "cpu", "compute_dtype": "gguf"}

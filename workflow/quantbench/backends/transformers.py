@@ -31,8 +31,9 @@ class TransformersBackend:
 
     windows_per_batch = None
 
-    def __init__(self, model, backend: str = "transformers", kernel: str | None = None):
+    def __init__(self, model, backend: str = "transformers", kernel: str | None = None, model_dir: str | None = None):
         self.model = model.eval()
+        self.model_dir = model_dir  # where it was loaded from, and its tokenizer if it has one
         self.kernel = kernel
         self.device = "cuda" if next(model.parameters()).is_cuda else "cpu"
         self.dtype = model.dtype
@@ -56,22 +57,27 @@ class TransformersBackend:
         module = importlib.import_module(f"quantbench.{method.module}") if method.module else None
         if method.family is Family.PACKED:
             model, used = module.load(method.name, model_dir, kernel, trust_remote_code)
-            return cls(model, backend=f"gptqmodel-{method.name}", kernel=used)
-        kwargs = {}
-        if method.family is Family.LOAD_TIME:
-            module.require()
-            kwargs["quantization_config"] = module.quantization_config(params)
+            return cls(model, backend=f"gptqmodel-{method.name}", kernel=used, model_dir=model_dir)
         # fp16 on a GPU (bf16 where the checkpoint is bf16); fp32 on the CPU, where half matmuls are slow.
         dtype = torch.float32
         if cuda:
             dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
+        if method.family is Family.PREQUANTIZED:
+            model, used = module.load(model_dir, kernel, trust_remote_code, "cuda" if cuda else "cpu", dtype)
+            return cls(model, backend=f"{'gptqmodel' if used else 'transformers'}-{method.name}", kernel=used,
+                       model_dir=model_dir)
+        kwargs = {}
+        if method.family is Family.LOAD_TIME:
+            module.require()
+            kwargs["quantization_config"] = module.quantization_config(params)
         if cuda and gpus > 1:
             kwargs |= {"device_map": "auto", "max_memory": spread_over(gpus)}
         else:
             kwargs["device_map"] = "cuda" if cuda else "cpu"
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      **kwargs)
-        return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}")
+        return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}",
+                   model_dir=model_dir)
 
     def info(self) -> dict:
         devices = {p.device for p in self.model.parameters()}
@@ -175,6 +181,19 @@ class TransformersBackend:
                 out.append({"prompt": prompt, "chat": chat, "completion": tokenizer.decode(new, skip_special_tokens=True),
                             "new_tokens": new.numel(), "finish_reason": "stop" if stopped else "length"})
         return out
+
+    @property
+    def n_vocab(self) -> int:
+        return self.head.weight.shape[0]
+
+    def token_texts(self, tokens: list[int]) -> list[str] | None:
+        """How the tokenizer beside the weights spells each token, or None where there is none."""
+        if not self.model_dir or not any((Path(self.model_dir) / f).is_file()
+                                         for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return None
+        from ..sources import tokenizer
+
+        return tokenizer(self.model_dir).convert_ids_to_tokens(tokens)
 
     @property
     def input_device(self):
