@@ -80,7 +80,8 @@ def test_the_workflow_runs_through_sbatch_with_gpus_for_gpu_rules(slurm, tmp_pat
     print("\n".join(f"{j['rule']} gpu={j['gpu']} {j['record']}" for j in jobs.values()))  # for the log
     rules = sorted(j["rule"] for j in jobs.values())
     assert rules == sorted(["download_model", "tokenize_eval_text", "convert_gguf", "quantize_gguf", "quantize_gguf",
-                            "evaluate_baseline", "evaluate_gguf", "evaluate_gguf", "report"])
+                            "ollama_modelfile", "ollama_modelfile", "evaluate_baseline", "evaluate_gguf",
+                            "evaluate_gguf", "report"])
     assert all(j["state"] == "COMPLETED" for j in jobs.values())
     assert all(j["gpu"] == (j["rule"] in GPU_RULES) for j in jobs.values()), jobs
     (baseline,) = (j for j in jobs.values() if j["rule"] == "evaluate_baseline")
