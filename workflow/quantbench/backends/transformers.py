@@ -128,7 +128,6 @@ class TransformersBackend:
         llama-bench measures llama.cpp's: random tokens, a warm-up, then runs from an empty cache."""
         from transformers import DynamicCache
 
-        vocab = self.head.weight.shape[0]
         rng = np.random.default_rng(0)
         state = {}
 
@@ -142,11 +141,11 @@ class TransformersBackend:
             state["cache"] = DynamicCache(config=self.model.config)
 
         def prefill(warm_up: bool) -> None:
-            step(rng.integers(vocab, size=N_PROMPT))
+            step(rng.integers(self.n_vocab, size=N_PROMPT))
 
         def decode(warm_up: bool) -> None:
             for _ in range(1 if warm_up else N_GEN):
-                step(rng.integers(vocab, size=1))
+                step(rng.integers(self.n_vocab, size=1))
 
         with torch.inference_mode():
             reset()
