@@ -23,6 +23,7 @@ VARIANTS = {
     "rtn": [{"name": "w4g128", "bits": 4, "group_size": 128}],
     "bnb": [{"name": "int8", "mode": "int8"}, {"name": "nf4", "mode": "nf4", "double_quant": True}],
     "eetq": ["int8"],
+    "qlora": [{"name": "r8", "r": 8, "alpha": 16, "steps": 12, "lr": 1e-3}],
 }
 PROMPTS = ["def main(", "The module"]
 
@@ -55,15 +56,32 @@ def test_a_failing_cell_is_recorded_while_the_others_finish(methods_run):
 
 def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
     _, df, _ = methods_run
-    assert len(df) == 1 + 3 + 2 + 1
+    assert len(df) == 1 + 3 + 2 + 1 + 1
     assert df.loc[("eetq", "int8"), "status"] == "skipped"
     assert "CUDA" in df.loc[("eetq", "int8"), "error"]
     ok = df[df["status"] == "ok"]
-    assert len(ok) == 6
+    assert len(ok) == 7
     assert ok["ppl"].map(math.isfinite).all()
     base = df.loc[("baseline", "fp16"), "ppl"]
     for cell, row in ok.iterrows():
         assert abs(row["ppl"] - base) / base < 0.2, cell  # 4/8-bit on a tiny model: close to the baseline
+
+
+def test_a_qlora_cell_trains_its_adapters_and_is_scored_with_them(methods_run, tiny):
+    _, df, _ = methods_run
+    row = df.loc[("qlora", "r8")]
+    config = json.loads((tiny["hf"] / "config.json").read_text())
+    h, ffn, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    # r = 8 on every linear layer of each block (all-linear: q, k, v, o, gate, up, down; not the head)
+    per_layer = 8 * ((h + h) * 2 + (h + kv) * 2 + (h + ffn) * 3)
+    assert row["trainable_params"] == layers * per_layer
+    losses = json.loads(row["train_losses"])
+    # the first sample's loss before the first step and after the last; and its second pass (step 9) lower too
+    assert len(losses) == 12 and row["train_loss_last"] < row["train_loss_first"], losses
+    assert sum(losses[8:12]) < sum(losses[0:4]), losses  # 8 samples a pass: steps 9-12 see steps 1-4's again
+    assert row["train_s_per_step"] > 0 and row["train_peak_rss_mb"] > 0
+    assert math.isfinite(row["ppl"]) and row["kl_mean"] > 0 and row["bits"] == 4
 
 
 def test_every_cell_that_ran_generates_and_has_its_speeds(methods_run):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 # evaluate_gguf takes no GPU here: llama.cpp is a CPU build on this machine
-GPU_RULES = {"evaluate_baseline", "evaluate_packed", "evaluate_load_time", "quantize_packed"}
+GPU_RULES = {"evaluate_baseline", "evaluate_packed", "evaluate_load_time", "evaluate_finetune", "quantize_packed"}
 # The profile as a user runs it, plus what this cluster needs: no accounting database (status from
 # squeue, no account), its partition, and thread counts that fit the machine (at most 2 CPUs).
 SLURM = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), "--slurm-status-command", "squeue",

@@ -99,11 +99,11 @@ def _modelfile(a):
 def _evaluate(a):
     from . import evaluate
 
-    seals.verify(a.artifact, a.tokens)
+    seals.verify(a.artifact, a.tokens, a.calib)
     evaluate.run(a.out, json.loads(a.cell), a.artifact, a.tokens, a.tokens_meta, json.loads(a.eval), a.threads,
                  base_dir=a.base_dir, quantize_info=a.quantize_info, kernel=a.kernel,
                  distributions=a.distributions, write_distributions=a.write_distributions, gpus=a.gpus,
-                 generation=json.loads(a.generation) if a.generation else None)
+                 generation=json.loads(a.generation) if a.generation else None, calib=a.calib)
 
 
 def _calibrate(a):
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.add_argument("--write-distributions", help="write this cell's distributions as the model's distributions.npz")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpus", type=int, default=1, help="GPUs a transformers model is spread across (when present)")
+    p.add_argument("--calib", help="calibration token ids, on which a fine-tuning method trains its adapters")
     p.add_argument("--generation", help="prompts, max_new_tokens and speed_repetitions (the config's report "
                    "section), as JSON: measure generation speed and complete the prompts")
     p.add_argument("--out", required=True)

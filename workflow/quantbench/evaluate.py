@@ -26,7 +26,7 @@ VERSIONS = ("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "b
 def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str, eval_spec: dict, threads: int, *,
                   base_dir: str | None = None, quantize_info: str | None = None, kernel: str = "auto",
                   distributions: str | None = None, write_distributions: str | None = None, gpus: int = 1,
-                  generation: dict | None = None) -> dict:
+                  generation: dict | None = None, calib: str | None = None) -> dict:
     """Score one cell from its artifact (a GGUF file or a Hugging Face directory). The baseline writes
     the FP16 distributions (`write_distributions`) that every other cell compares with (`distributions`).
     With `generation` (the config's prompts), a backend that can also measures what its users feel."""
@@ -53,7 +53,7 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
             baseline = None
             record["kl_error"] = "the FP16 baseline did not run, so there are no distributions to compare with"
         trust = trusts_remote_code(base_dir or artifact)  # a packed checkpoint runs its base model's code
-        backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust, gpus)
+        backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust, gpus, calib)
         if method.family is Family.PREQUANTIZED:
             _check_vocabulary(backend, base_dir, tokens, cell["model"])
         recorder = Recorder(backend, sum(w.n_scored for w in wins)) if write_distributions else None

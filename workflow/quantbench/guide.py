@@ -55,9 +55,20 @@ def _model_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
               f"most eval tokens/s on {best['device']} within ΔPPL ≤ {budget_pct}%: "
               + numbers(best, f"{best['eval_tokens_per_s']:.0f} tok/s"), best["method"] in ("awq", "gptq"))
 
-    # Fine-tuning (QLoRA): adapters train over a bitsandbytes 4-bit base; the closest to FP16 wins.
+    # Fine-tuning (QLoRA): measured QLoRA cells where the run has them (the least peak memory per step
+    # within the budget), else the bitsandbytes 4-bit bases QLoRA trains on (the closest to FP16).
+    qlora = quantized[quantized["method"] == "qlora"]
     four = quantized[(quantized["method"] == "bnb") & (quantized["bits"] == 4)]
-    if four.empty:
+    if not qlora.empty:
+        fitting = qlora[qlora["delta_ppl_pct"] <= budget_pct]
+        best = (fitting if not fitting.empty else qlora).sort_values("train_peak_rss_mb").iloc[0]
+        memory = best["train_peak_vram_mb"] if pd.notna(best.get("train_peak_vram_mb")) else best["train_peak_rss_mb"]
+        entry("Fine-tuning (QLoRA)", "bitsandbytes 4-bit (nf4)", best,
+              f"QLoRA measured: {best['trainable_params']:.0f} trainable parameters, {memory:.0f} MB peak, "
+              f"{best['train_s_per_step']:.2f} s a step, loss {best['train_loss_first']:.3f} → "
+              f"{best['train_loss_last']:.3f}; then " + numbers(best), not fitting.empty,
+              None if not fitting.empty else f"no QLoRA cell is within the {budget_pct}% budget")
+    elif four.empty:
         entry("Fine-tuning (QLoRA)", "bitsandbytes 4-bit (nf4)", None, "no bitsandbytes 4-bit cell in this run", None)
     else:
         best = four.sort_values("kl_mean" if four["kl_mean"].notna().all() else "delta_ppl_pct").iloc[0]

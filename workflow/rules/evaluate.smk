@@ -140,3 +140,37 @@ rule evaluate_load_time:
         "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --tokens {input.ids} "
         "--tokens-meta {input.meta} --eval {params.eval:q} --distributions {input.distributions} "
         "--threads {threads} --gpus {resources.gpu} --generation {params.generation:q} --out {output} > {log} 2>&1"
+
+
+rule evaluate_finetune:
+    """QLoRA: the model quantized while loading, its LoRA adapters trained on the calibration tokens, then
+    scored with them."""
+    input:
+        hf=rules.download_model.output[0],
+        calib=paths.CALIB_TOKENS,
+        ids=rules.tokenize_eval_text.output.ids,
+        meta=rules.tokenize_eval_text.output.meta,
+        distributions=paths.DISTRIBUTIONS,
+    output:
+        cell_report(paths.METRICS),
+    log:
+        paths.log("evaluate", paths.PER_CELL),
+    benchmark:
+        paths.benchmark("evaluate", paths.PER_CELL)
+    wildcard_constraints:
+        method=PLAN.method_pattern(Family.FINETUNE),
+    conda:
+        PLAN.env(Family.FINETUNE)
+    threads: 8
+    resources:
+        gpu=1,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
+    params:
+        cell=PLAN.cell_settings,
+        eval=PLAN.eval_settings,
+        generation=PLAN.generation_settings,
+    shell:
+        "python -m quantbench evaluate --cell {params.cell:q} --artifact {input.hf} --calib {input.calib} "
+        "--tokens {input.ids} --tokens-meta {input.meta} --eval {params.eval:q} --distributions {input.distributions} "
+        "--threads {threads} --generation {params.generation:q} --out {output} > {log} 2>&1"

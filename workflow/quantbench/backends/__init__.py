@@ -144,9 +144,10 @@ class Backend(Protocol):
 
 
 def open_backend(method, params: dict, artifact: str, context: int, threads: int, kernel: str = "auto",
-                 trust_remote_code: bool = False, gpus: int = 1) -> Backend:
+                 trust_remote_code: bool = False, gpus: int = 1, calib: str | None = None) -> Backend:
     """The backend that evaluates a cell of `method` (a methods.Method) from its artifact: a GGUF file
-    (llama.cpp) or a Hugging Face directory (transformers; load-time methods quantize while loading)."""
+    (llama.cpp) or a Hugging Face directory (transformers; load-time methods quantize while loading, and a
+    fine-tuning method trains its adapters on the calibration tokens `calib` first)."""
     from ..methods import LLAMA_CPP
 
     if method.backend == LLAMA_CPP:
@@ -155,4 +156,4 @@ def open_backend(method, params: dict, artifact: str, context: int, threads: int
         return LlamaCppBackend(artifact, context, threads)
     from .transformers import TransformersBackend
 
-    return TransformersBackend.load(method, params, artifact, threads, kernel, trust_remote_code, gpus)
+    return TransformersBackend.load(method, params, artifact, threads, kernel, trust_remote_code, gpus, calib)

@@ -44,7 +44,7 @@ class TransformersBackend:
 
     @classmethod
     def load(cls, method, params: dict, model_dir: str, threads: int, kernel: str = "auto",
-             trust_remote_code: bool = False, gpus: int = 1) -> TransformersBackend:
+             trust_remote_code: bool = False, gpus: int = 1, calib: str | None = None) -> TransformersBackend:
         """A cell of `method` (a methods.Method) from a Hugging Face directory: the model itself (baseline),
         a packed checkpoint evaluated by `kernel`, or the model quantized while loading; with `gpus` > 1,
         spread across the first `gpus` GPUs."""
@@ -66,6 +66,13 @@ class TransformersBackend:
             model, used = module.load(model_dir, kernel, trust_remote_code, "cuda" if cuda else "cpu", dtype)
             return cls(model, backend=f"{'gptqmodel' if used else 'transformers'}-{method.name}", kernel=used,
                        model_dir=model_dir)
+        if method.family is Family.FINETUNE:
+            module.require()
+            model, training = module.train(params, model_dir, calib, dtype, "cuda" if cuda else "cpu",
+                                           trust_remote_code)
+            backend = cls(model, backend=f"transformers-{method.name}", model_dir=model_dir)
+            backend.training = training
+            return backend
         kwargs = {}
         if method.family is Family.LOAD_TIME:
             module.require()
@@ -79,9 +86,11 @@ class TransformersBackend:
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}",
                    model_dir=model_dir)
 
+    training: dict = {}  # what training the adapters recorded (QLoRA)
+
     def info(self) -> dict:
         devices = {p.device for p in self.model.parameters()}
-        return {
+        return {**self.training,
             "backend": self.backend,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             "n_devices": len(devices),
