@@ -68,7 +68,7 @@ def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
 
 
 def test_a_qlora_cell_trains_its_adapters_and_is_scored_with_them(methods_run, tiny):
-    _, df, _ = methods_run
+    work, df, _ = methods_run
     row = df.loc[("qlora", "r8")]
     config = json.loads((tiny["hf"] / "config.json").read_text())
     h, ffn, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -82,6 +82,9 @@ def test_a_qlora_cell_trains_its_adapters_and_is_scored_with_them(methods_run, t
     assert sum(losses[8:12]) < sum(losses[0:4]), losses  # 8 samples a pass: steps 9-12 see steps 1-4's again
     assert row["train_s_per_step"] > 0 and row["train_peak_rss_mb"] > 0
     assert math.isfinite(row["ppl"]) and row["kl_mean"] > 0 and row["bits"] == 4
+    summary = (work / "results" / "report" / "summary.md").read_text()
+    section = summary.split("## Fine-tuning (QLoRA)")[1].split("\n## ")[0]
+    assert "| r8 " in section and f"{layers * per_layer:,}" in section and f"{row['train_loss_last']:.3f}" in section
 
 
 def test_every_cell_that_ran_generates_and_has_its_speeds(methods_run):

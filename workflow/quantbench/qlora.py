@@ -48,7 +48,7 @@ def train(params: dict, model_dir: str, calib_ids: str, dtype, device: str, trus
         if device == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(loss.item())
         print(f"step {step + 1}/{params['steps']}: loss {losses[-1]:.4f}, {seconds[-1]:.2f} s", flush=True)
     model.eval()
     with torch.no_grad():  # the first step's sample again, after training: its loss before and after

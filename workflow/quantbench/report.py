@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import claims as claims_tables
 from . import guide, io, paths, plots, published, serving, summary
-from .methods import BASELINE, CHECKPOINT, GGUF_FILE, METHODS
+from .methods import BASELINE, CHECKPOINT, GGUF_FILE, METHODS, QLORA
 
 MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
         "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "pp_tokens_per_s", "tg_tokens_per_s",
@@ -40,6 +40,9 @@ DISPLAY = {
     "decided_by": ("decided by", None), "measured": ("measured", "{:.5g}"), "published": ("published", "{:.5g}"),
     "delta": ("difference", "{:+.4g}"), "delta_pct": ("difference %", "{:+.2f}"),
     "within_tolerance": ("within tolerance", None), "context": ("context", "{:.0f}"),
+    "trainable_params": ("trainable parameters", "{:,.0f}"), "train_steps": ("steps", "{:.0f}"),
+    "train_s_per_step": ("s / step", "{:.2f}"), "train_peak_MB": ("training peak MB", "{:.0f}"),
+    "train_loss_first": ("loss before", "{:.3f}"), "train_loss_last": ("loss after", "{:.3f}"),
 }
 
 
@@ -89,7 +92,7 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
         f"{budget_pct:g}% of its FP16 baseline (`report.quality_budget_pct`), and how it compares with the usual "
         "advice. Cells of different models are never ranked against each other: each scored its own token stream."],
         pd.DataFrame(guide.selection_guide(df, budget_pct))))
-    return out + _run_it(df) + _samples(df)
+    return out + _fine_tuning(df) + _run_it(df) + _samples(df)
 
 
 def _samples(df: pd.DataFrame) -> list[Section]:
@@ -109,6 +112,22 @@ def _samples(df: pd.DataFrame) -> list[Section]:
                     for name, samples in by_cell]
             out.append(Section(f"{model}: “{prompt}”", [], pd.DataFrame(rows), level=3))
     return out
+
+
+def _fine_tuning(df: pd.DataFrame) -> list[Section]:
+    """What a QLoRA fine-tune cost and what its adapted model scores."""
+    cells = df[(df["method"] == QLORA.name) & (df["status"] == "ok")]
+    if cells.empty:
+        return []
+    peak = cells["train_peak_vram_mb"] if "train_peak_vram_mb" in cells else pd.Series(np.nan, cells.index)
+    table = cells.assign(train_peak_MB=peak.fillna(cells["train_peak_rss_mb"]))[
+        ["model", "variant", "trainable_params", "train_steps", "train_s_per_step", "train_peak_MB",
+         "train_loss_first", "train_loss_last", "ppl", "delta_ppl_pct", "kl_mean", "device"]]
+    return [Section("Fine-tuning (QLoRA)", [
+        "Each QLoRA cell: the model in bitsandbytes 4-bit, LoRA adapters trained for its steps on the calibration "
+        "tokens (one sample a step; never scored tokens), then scored with its adapters. Loss before and after: "
+        "the first step's sample, before its step and after the last; every step's loss is in metrics.json."],
+        table)]
 
 
 def _run_it(df: pd.DataFrame) -> list[Section]:
