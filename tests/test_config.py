@@ -23,10 +23,10 @@ def test_default_config_expands_to_the_demo_matrix():
     cfg = qc.validate(fresh())
     assert [(c.method, c.variant) for c in qc.cells(cfg)] == [
         ("baseline", "fp16"),
-        *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_M-imatrix",
-                                "IQ4_XS-imatrix"]],
+        *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K", "Q8_0", "Q4_K_M-imatrix", "IQ4_XS-imatrix"]],
         ("gptq", "w4g128"), ("gptq", "w3g128"), ("awq", "w4g64"), ("rtn", "w4g128"), ("rtn", "w3g128"),
-        ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"), ("gguf-file", "published-Q4_1"),
+        ("autoround", "w4g128-i4"), ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"), ("hqq", "w4g64"),
+        ("torchao", "int8"), ("quanto", "int4"), ("qlora", "r8"), ("gguf-file", "published-Q4_1"),
     ]
     assert {c.model for c in qc.cells(cfg)} == {"smollm2-135m"}
     imatrix = {c.variant: c.params for c in qc.cells(cfg) if c.calibrated and c.method == "gguf"}
@@ -132,15 +132,15 @@ def test_schema_rejects_naming_the_key(mutate, key, message):
 @pytest.mark.parametrize("mutate, key, message", [
     (lambda c: c["methods"]["gguf"]["variants"].insert(1, "Q4_K_X"),
      "methods.gguf.variants[1]", "gguf does not support type='Q4_K_X'; use a llama.cpp type: IQ1_S"),
-    (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[8]", "listed twice"),
+    (lambda c: c["methods"]["gguf"]["variants"].append("Q2_K"), "methods.gguf.variants[7]", "listed twice"),
     (lambda c: c["methods"]["gguf"].update(models=["nope"]), "methods.gguf.models[0]", "unknown model 'nope'"),
-    (lambda c: c["methods"]["bnb"].update(kernel="triton"), "methods.bnb.kernel", "only gptq, awq, rtn checkpoints"),
+    (lambda c: c["methods"]["bnb"].update(kernel="triton"), "methods.bnb.kernel", "only gptq, awq, rtn, autoround checkpoints"),
     (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "Q4_0", "imatrix": "yes"}),
-     "methods.gguf.variants[8].imatrix", "gguf does not support imatrix='yes'; use one of [False, True]"),
+     "methods.gguf.variants[7].imatrix", "gguf does not support imatrix='yes'; use one of [False, True]"),
     (lambda c: c["methods"]["gguf"]["variants"].append({"name": "x", "type": "IQ4_XS", "imatrix": False}),
-     "methods.gguf.variants[8].imatrix", "IQ4_XS is quantized from an importance matrix: set imatrix: true"),
+     "methods.gguf.variants[7].imatrix", "IQ4_XS is quantized from an importance matrix: set imatrix: true"),
     (lambda c: c["methods"]["gguf"]["variants"].append({"name": "Q5_K_M-imatrix", "imatrix": False}),
-     "methods.gguf.variants[8].imatrix", "the name 'Q5_K_M-imatrix' says imatrix=True"),
+     "methods.gguf.variants[7].imatrix", "the name 'Q5_K_M-imatrix' says imatrix=True"),
     (lambda c: c["methods"]["gptq"]["variants"].append({"name": "x", "bits": 5}),
      "methods.gptq.variants[2].bits", "gptq does not support bits=5; use one of [2, 3, 4, 8]"),
     (lambda c: c["methods"]["bnb"]["variants"].append({"name": "int4", "mode": "int8", "threshold": -1}),
@@ -237,7 +237,8 @@ def test_the_method_table_is_the_only_list_of_methods(tmp_path):
     # Rule selection: each method's cells are evaluated by the rule of its family, read from the table.
     text = tmp_path / "eval.txt"
     text.write_text("Some text to score.\n" * 100)
-    variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": ["int8"]}
+    variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": ["int8"], "torchao": ["int8"], "quanto": ["int4"],
+                "qlora": [{"name": "r8"}]}
     cfg = write_config(tmp_path, {
         "models": {"m": {"source": "hf", "repo": "org/name", "revision": SHA}},
         "methods": {m: {"variants": variants.get(m, ["w4g128"])} for m in methods.CONFIGURABLE},

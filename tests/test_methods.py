@@ -1,8 +1,9 @@
-"""GPTQ, AWQ, RTN (GPTQModel), bitsandbytes and EETQ cells on the tiny model, for real."""
+"""GPTQ, AWQ, RTN, AutoRound, bitsandbytes, EETQ, HQQ, torchao, quanto and QLoRA cells on the tiny model, for real."""
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pandas as pd
@@ -21,8 +22,12 @@ VARIANTS = {
     "gptq": [{"name": "w4g128", "bits": 4, "group_size": 128}],
     "awq": [{"name": "w4g128", "bits": 4, "group_size": 128}],
     "rtn": [{"name": "w4g128", "bits": 4, "group_size": 128}],
+    "autoround": [{"name": "w4g128", "bits": 4, "group_size": 128, "iters": 10}],
     "bnb": [{"name": "int8", "mode": "int8"}, {"name": "nf4", "mode": "nf4", "double_quant": True}],
     "eetq": ["int8"],
+    "hqq": ["w4g64"],
+    "torchao": ["int8", {"name": "int4-g64", "weights": "int4", "group_size": 64}, "float8"],
+    "quanto": ["int4"],
     "qlora": [{"name": "r8", "r": 8, "alpha": 16, "steps": 12, "lr": 1e-3}],
 }
 PROMPTS = ["def main(", "The module"]
@@ -54,17 +59,53 @@ def test_a_failing_cell_is_recorded_while_the_others_finish(methods_run):
     assert "in_features (320) to be divisible by group_size (128)" in odd.loc[("awq", "w4g128"), "error"]
 
 
-def test_every_method_ran_and_eetq_was_skipped_on_cpu(methods_run):
+def test_every_method_ran_and_cuda_only_variants_were_skipped_on_cpu(methods_run):
     _, df, _ = methods_run
-    assert len(df) == 1 + 3 + 2 + 1 + 1
-    assert df.loc[("eetq", "int8"), "status"] == "skipped"
-    assert "CUDA" in df.loc[("eetq", "int8"), "error"]
+    assert len(df) == 1 + 4 + 2 + 1 + 1 + 3 + 1 + 1
+    for cell in (("eetq", "int8"), ("torchao", "float8")):
+        assert df.loc[cell, "status"] == "skipped" and "need CUDA" in df.loc[cell, "error"], cell
     ok = df[df["status"] == "ok"]
-    assert len(ok) == 7
+    assert len(ok) == 12
     assert ok["ppl"].map(math.isfinite).all()
     base = df.loc[("baseline", "fp16"), "ppl"]
     for cell, row in ok.iterrows():
         assert abs(row["ppl"] - base) / base < 0.2, cell  # 4/8-bit on a tiny model: close to the baseline
+
+
+def test_load_time_cells_count_the_bits_their_weights_hold(methods_run, tiny):
+    """Bits per weight of a cell quantized in memory: the bytes of its weights as loaded (packed data,
+    scales, tensor subclasses by what they hold) over the parameters. On the tiny model the unquantized
+    embeddings and head (2 x 1280 x 256 float32 weights) dominate, so compare the quantized layers alone."""
+    _, df, _ = methods_run
+    config = json.loads((tiny["hf"] / "config.json").read_text())
+    h, ffn, layers, vocab = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    linear = layers * (h * (h + kv * 2 + h) + 3 * h * ffn)
+    fp32 = (2 * vocab * h + (2 * layers + 1) * h) * 4  # embeddings, head and norms stay float32 on the CPU
+    for cell, low, high in [(("hqq", "w4g64"), 4.5, 5.5),  # 4 bits + a scale and a zero point a group of 64
+                            (("quanto", "int4"), 4.2, 5.0), (("torchao", "int8"), 8.0, 8.6),
+                            (("torchao", "int4-g64"), 8.2, 8.8),  # int4 values held in int8 bytes, and scales
+                            (("bnb", "nf4"), 4.0, 4.6)]:
+        held = df.loc[cell, "bits_per_weight"] * df.loc[cell, "n_params"] / 8 - fp32
+        assert low < held * 8 / linear < high, (cell, held * 8 / linear)
+
+
+def test_methods_the_usual_tables_do_not_name_are_compared_and_guided(methods_run):
+    work, df, _ = methods_run
+    summary = (work / "results" / "report" / "summary.md").read_text()
+    families = summary.split("### Method families")[1].split("\n## ")[0]
+    for method in ("hqq", "torchao", "quanto", "autoround"):
+        line = next(line for line in families.splitlines() if re.match(rf"\|\s*tiny\s*\|\s*{method}\s*\|", line))
+        cells = df.loc[method][df.loc[method]["status"] == "ok"]
+        four = cells[cells["bits"] == 4]  # the family's representative: its 4-bit cell of least ΔPPL
+        rep = (four if not four.empty else cells)["delta_ppl_pct"].min()
+        assert "measured; the usual tables make no claim" in line and f"{rep:+.2f}" in line, line
+    assert "qlora" not in families  # a fine-tuned model is no inference method
+    guide = summary.split("## Selection guide")[1].split("\n## ")[0]
+    quality = next(line for line in guide.splitlines() if "| Quality first" in line and "| tiny" in line)
+    inference = df[(df["status"] == "ok") & (df.index.get_level_values("method") != "baseline")].drop("qlora", level=0)
+    best = inference["kl_mean"].idxmin()
+    assert f"tiny {best[0]} {best[1]}" in quality  # every inference method is a candidate
 
 
 def test_a_qlora_cell_trains_its_adapters_and_is_scored_with_them(methods_run, tiny):
@@ -125,14 +166,14 @@ VLLM_0_33_REQUIRES = {"gptq": [("bits",), ("group_size",), ("desc_act",), ("sym"
 
 def test_checkpoints_carry_what_vllm_reads_and_the_report_says_who_serves_them(methods_run):
     work, df, _ = methods_run
-    for method in ("gptq", "awq", "rtn"):
+    for method in ("gptq", "awq", "rtn", "autoround"):
         qc = json.loads((work / "results" / "tiny" / method / "w4g128" / "model" / "config.json").read_text())[
             "quantization_config"]
         required = VLLM_0_33_REQUIRES["awq" if method == "awq" else "gptq"]
         assert all(any(name in qc for name in names) for names in required), (method, qc)
         row = df.loc[(method, "w4g128")]
         assert json.loads(row["quantization_config"]) == qc
-        # GPTQ/RTN here are symmetric 4-bit (sym defaults to true): vLLM's gptq loader takes them
+        # GPTQ/RTN/AutoRound here are symmetric 4-bit (sym defaults to true): vLLM's gptq loader takes them
         assert row["vllm_quantization"] == ("awq" if method == "awq" else "gptq"), row["vllm_note"]
     summary = (work / "results" / "report" / "summary.md").read_text()
     assert "## Run it" in summary and "--quantization awq (or awq_marlin; vLLM 0.33.0" in summary
@@ -154,6 +195,13 @@ def test_checkpoints_are_real_and_reload_in_transformers(methods_run):
         assert row["kernel"] == ("AwqTorchLinear" if method == "awq" else "TorchLinear")  # kernel: auto, on a CPU
         assert 4 < row["bits_per_weight"] < 16  # packed 4-bit + scales; embeddings and head stay fp16
         assert row["size_bytes"] < df.loc[("baseline", "fp16"), "size_bytes"]
+    ckpt = work / "results" / "tiny" / "autoround" / "w4g128" / "model"  # auto-round's export in GPTQ's format
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["provider"], qc["bits"], qc["group_size"], qc["iters"]) == (
+        "gptq", "auto-round", 4, 128, 10)
+    assert df.loc[("autoround", "w4g128"), "kernel"] == "TorchLinear"
+    # the same packing as RTN's checkpoint: packed 4-bit weights, a scale and a zero point per group
+    assert abs(df.loc[("autoround", "w4g128"), "bits_per_weight"] - df.loc[("rtn", "w4g128"), "bits_per_weight"]) < 0.1
 
 
 def test_calibration_is_recorded_and_never_scored(methods_run):

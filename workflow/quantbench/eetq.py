@@ -5,10 +5,10 @@ the kernels from the Hub kernel kernels-community/quantization-eetq through `ker
 from __future__ import annotations
 
 
-def quantization_config(params: dict):
+def quantize(params: dict, device: str, load):
     from transformers import EetqConfig
 
-    return EetqConfig("int8")
+    return load(EetqConfig("int8"))
 
 
 def require() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .methods import BASELINE
+from .methods import BASELINE, QLORA
 from .summary import label, ok, peak_mb, weight_bytes
 
 
@@ -19,6 +19,8 @@ def _model_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
     """For each usual scenario: the best measured cell, the numbers that decided it, and whether it
     agrees with the usual advice. Cells beyond the quality budget (ΔPPL %) are not candidates."""
     quantized = ok(df[df["method"] != BASELINE.name]).dropna(subset=["delta_ppl_pct"])
+    qlora = quantized[quantized["method"] == QLORA.name]
+    quantized = quantized[quantized["method"] != QLORA.name]  # a fine-tuned model: no candidate for inference
     fit = quantized[quantized["delta_ppl_pct"] <= budget_pct]
     out = []
 
@@ -57,7 +59,6 @@ def _model_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
 
     # Fine-tuning (QLoRA): measured QLoRA cells where the run has them (the least peak memory per step
     # within the budget), else the bitsandbytes 4-bit bases QLoRA trains on (the closest to FP16).
-    qlora = quantized[quantized["method"] == "qlora"]
     four = quantized[(quantized["method"] == "bnb") & (quantized["bits"] == 4)]
     if not qlora.empty:
         fitting = qlora[qlora["delta_ppl_pct"] <= budget_pct]

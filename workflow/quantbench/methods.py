@@ -27,7 +27,8 @@ class Family(enum.Enum):
 MODULE_INTERFACE = {
     Family.GGUF: ("quantize",),                                 # F16 GGUF -> a llama.cpp type
     Family.PACKED: ("quantize_isolated", "run", "load", "backend"),  # quantize once, save; load back by a kernel
-    Family.LOAD_TIME: ("quantization_config", "require"),       # transformers' config; what the machine needs
+    # quantize(params, device, load): the model, from load(transformers' quantization config or None)
+    Family.LOAD_TIME: ("quantize", "require"),                  # the quantized model; what the machine needs
     Family.PREQUANTIZED: ("fetch", "load"),                     # the published artifact, as it is; a checkpoint loaded
     Family.FINETUNE: ("train", "require"),                      # the adapted model; what the machine needs
 }
@@ -94,7 +95,7 @@ class Method:
     spell: Callable[[dict], str | None] = lambda params: None
     calibrated: bool = False           # needs calibration tokens
     example: str = ""                  # a shorthand name, for messages
-    cuda_only: str = ""                # why it runs only on CUDA: elsewhere its rows are 'skipped'
+    cuda_only: Callable[[dict], str] = lambda params: ""  # why a variant runs only on CUDA: elsewhere 'skipped'
     kernels: tuple[str, ...] = ()      # the kernels `methods.<m>.kernel` may pick to evaluate it
     # What a variant's parameters need of each other: params -> (parameter, why it is refused) or None.
     consistent: Callable[[dict], tuple[str, str] | None] = lambda params: None
@@ -262,6 +263,15 @@ RTN = Method(
     spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "sym": Param(bool, True, (False, True))})
+AUTOROUND = Method(
+    "autoround", Family.PACKED, "AutoRound (sign-gradient rounding) through auto-round, in GPTQ's format",
+    module="packed", env="autoround", counted=Bits.PACKED, calibrated=True, kernels=KERNELS,
+    shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
+    params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
+            # GPTQModel 7.6 loads an asymmetric GPTQ-format checkpoint only if GPTQModel wrote it
+            "sym": Param(bool, True, (True,), meaning="true (GPTQModel loads asymmetric GPTQ-format checkpoints "
+                                                       "only from its own quantizer)"),
+            "iters": Param(int, 200, check=_positive, meaning="a positive integer (tuning steps per block)")})
 BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB = Method(
     "bnb", Family.LOAD_TIME, "bitsandbytes, quantized while loading", module="bnb", env="torch",
@@ -273,8 +283,31 @@ BNB = Method(
             "compute_dtype": Param(str, "float32", ("float16", "bfloat16", "float32"))})
 EETQ = Method(
     "eetq", Family.LOAD_TIME, "EETQ int8, quantized while loading (CUDA only)", module="eetq", env="torch",
-    counted=Bits.IN_MEMORY, cuda_only="EETQ's int8 kernels need CUDA", bits=lambda params: 8, example="int8",
-    shorthand=lambda name: {} if name == "int8" else None)
+    counted=Bits.IN_MEMORY, cuda_only=lambda params: "EETQ's int8 kernels need CUDA", bits=lambda params: 8,
+    example="int8", shorthand=lambda name: {} if name == "int8" else None)
+HQQ = Method(
+    "hqq", Family.LOAD_TIME, "HQQ (half-quadratic, calibration-free), quantized after loading by hqq",
+    module="hqq", env="hqq", counted=Bits.IN_MEMORY, shorthand=_width_group_name, spell=_width_group_spelling,
+    example="w4g64",
+    params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 64, (16, 32, 64, 128, 256))})
+TORCHAO_BITS = {"int8": 8, "int4": 4, "float8": 8}
+TORCHAO = Method(
+    "torchao", Family.LOAD_TIME, "torchao: int8 / int4 weight-only, float8 weights and activations (CUDA)",
+    module="torchao", env="torchao", counted=Bits.IN_MEMORY, bits=lambda params: TORCHAO_BITS[params["weights"]],
+    example="int8", shorthand=lambda name: {"weights": name} if name in TORCHAO_BITS else None,
+    spell=lambda params: params["weights"],
+    cuda_only=lambda params: "torchao's float8 matmuls need CUDA" if params["weights"] == "float8" else "",
+    params={"weights": Param(str, REQUIRED, tuple(TORCHAO_BITS)),
+            "group_size": Param(int, 128, (32, 64, 128, 256))},  # int4's; int8 and float8 take one scale a row
+    consistent=lambda params: ("group_size", "only int4 weights are grouped; int8 and float8 take one scale a "
+                                             "row") if params["weights"] != "int4" and params["group_size"] != 128
+    else None)
+QUANTO_BITS = {"int8": 8, "int4": 4, "int2": 2}
+QUANTO = Method(
+    "quanto", Family.LOAD_TIME, "optimum-quanto weights (int8 / int4 / int2), quantized while loading",
+    module="quanto", env="quanto", counted=Bits.IN_MEMORY, bits=lambda params: QUANTO_BITS[params["weights"]],
+    example="int4", shorthand=lambda name: {"weights": name} if name in QUANTO_BITS else None,
+    spell=lambda params: params["weights"], params={"weights": Param(str, REQUIRED, tuple(QUANTO_BITS))})
 
 QLORA = Method(
     "qlora", Family.FINETUNE, "QLoRA: bitsandbytes 4-bit, LoRA adapters trained on the calibration tokens",
@@ -298,8 +331,8 @@ CHECKPOINT = Method(
     env="gptqmodel", counted=Bits.PACKED, bits=lambda params: None)
 PUBLISHED_BY = {"gguf_files": GGUF_FILE, "checkpoints": CHECKPOINT}  # a model's key -> the method of its entries
 
-METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, BNB, EETQ, QLORA, GGUF_FILE,
-                                                  CHECKPOINT)}
+METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, AUTOROUND, BNB, EETQ, HQQ, TORCHAO, QUANTO,
+                                                  QLORA, GGUF_FILE, CHECKPOINT)}
 # The methods of the config's `methods` section (the baseline is always there; published files are a model's)
 CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family not in (Family.BASELINE, Family.PREQUANTIZED))
 BASELINE_VARIANT = "fp16"

@@ -1,11 +1,11 @@
-"""The gptq, awq and rtn methods' module: packed checkpoints through GPTQModel (the maintained
-successor of AutoGPTQ and AutoAWQ), quantized once and loaded back to be evaluated. RTN uses
+"""The gptq, awq, rtn and autoround methods' module: packed checkpoints through GPTQModel (the
+maintained successor of AutoGPTQ and AutoAWQ), quantized once and loaded back to be evaluated. RTN uses
 the same packing and kernels as GPTQ, so the two differ only in how the weights were rounded —
-the baseline the GPTQ and AWQ papers compare against.
+the baseline the GPTQ and AWQ papers compare against. AutoRound quantizes through auto-round
+(autoround.py) into GPTQ's format, and is loaded back the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -34,18 +34,6 @@ def quantize_config(method: str, params: dict):
     raise ValueError(f"no GPTQModel method {method!r}")
 
 
-@contextlib.contextmanager
-def _scratch_cwd():
-    """GPTQModel writes ./logs; keep it out of the workflow's directory."""
-    here = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
-        os.chdir(tmp)
-        try:
-            yield
-        finally:
-            os.chdir(here)
-
-
 def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_dir: str, threads: int) -> dict:
     import torch
 
@@ -53,23 +41,31 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
     torch.set_num_threads(threads)
     from gptqmodel import BACKEND, GPTQModel
 
-    hf_dir, out_dir = str(Path(hf_dir).resolve()), str(Path(out_dir).resolve())
+    if method == "autoround":
+        from . import autoround
+
+        return _measured(autoround.quantize(params, hf_dir, calib_ids, out_dir), threads)
     calibration = None
     if calib_ids:
         samples = np.load(calib_ids)
         calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
     t0 = time.perf_counter()
-    with _scratch_cwd():
-        model = GPTQModel.load(hf_dir, quantize_config(method, params), trust_remote_code=trusts_remote_code(hf_dir))
-        kwargs = {}
-        if method == "awq" and not torch.cuda.is_available():
-            kwargs["backend"] = BACKEND.AWQ_TORCH  # AWQ's default kernels need CUDA
-        model.quantize(calibration, batch_size=1, **kwargs)
-        quantize_s = time.perf_counter() - t0
-        with io.atomic_path(out_dir) as staging:
-            model.save(str(staging))
+    model = GPTQModel.load(hf_dir, quantize_config(method, params), trust_remote_code=trusts_remote_code(hf_dir))
+    kwargs = {}
+    if method == "awq" and not torch.cuda.is_available():
+        kwargs["backend"] = BACKEND.AWQ_TORCH  # AWQ's default kernels need CUDA
+    model.quantize(calibration, batch_size=1, **kwargs)
+    quantize_s = time.perf_counter() - t0
+    with io.atomic_path(out_dir) as staging:
+        model.save(str(staging))
+    return _measured({"quantize_s": quantize_s}, threads)
+
+
+def _measured(info: dict, threads: int) -> dict:
+    import torch
+
     return {
-        "quantize_s": quantize_s,
+        **info,
         "quantize_threads": threads,
         "quantize_peak_rss_mb": io.peak_rss_mb(),
         "quantize_peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -80,11 +76,15 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
 def quantize_isolated(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_dir: str,
                       threads: int) -> dict:
     """quantize() in a child process: GPTQModel's worker threads can turn a caught error into a
-    failed exit of the whole interpreter, so the outcome is read from the child, not trusted to it."""
+    failed exit of the whole interpreter, so the outcome is read from the child, not trusted to it.
+    The child works in a scratch directory until it exits: GPTQModel's threads write ./logs."""
+    hf_dir, out_dir = str(Path(hf_dir).resolve()), str(Path(out_dir).resolve())
+    calib_ids = calib_ids and str(Path(calib_ids).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "info.json"
         args = [json.dumps([method, params, hf_dir, calib_ids, out_dir, threads]), str(result)]
-        proc = subprocess.Popen([sys.executable, "-m", "quantbench.packed", *args], stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-m", "quantbench.packed", *args], stderr=subprocess.PIPE,
+                                cwd=tmp)
         tail = b""
         while chunk := os.read(proc.stderr.fileno(), 1 << 16):  # GPTQModel's progress reaches the job log as it comes
             sys.stderr.buffer.write(chunk)
@@ -136,14 +136,14 @@ def load(method: str, model_dir: str, kernel: str, trust_remote_code: bool = Fal
 def backend(method: str, kernel: str, cuda: bool):
     """GPTQModel's BACKEND for a kernel name. `auto` on a CPU is the plain torch kernel: GPTQModel's
     packed-int4 CPU kernels need in_features divisible by the group size, and it has no such limit
-    (it runs in bf16). RTN checkpoints are in GPTQ's format."""
+    (it runs in bf16). RTN and AutoRound checkpoints are in GPTQ's format."""
     from gptqmodel import BACKEND
 
     if kernel == "auto":
         return BACKEND.AUTO if cuda else BACKEND.TORCH
     names = {"gptq": {"torch": "GPTQ_TORCH", "triton": "GPTQ_TRITON", "marlin": "GPTQ_MARLIN", "exllama_v2": "GPTQ_EXLLAMA_V2"},
              "awq": {"torch": "AWQ_TORCH", "triton": "AWQ_GEMM_TRITON", "marlin": "AWQ_MARLIN", "exllama_v2": "AWQ_EXLLAMA_V2"}}
-    return BACKEND[names["gptq" if method == "rtn" else method][kernel]]
+    return BACKEND[names["awq" if method == "awq" else "gptq"][kernel]]
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ class Plan:
         """The conda env of one method's jobs, relative to workflow/rules/."""
         return f"../../envs/{method.env}.yaml"
 
+    @staticmethod
+    def cell_env(wildcards) -> str:
+        """The conda env of a cell's job, by its method: for the rules whose methods each have their own."""
+        return Plan.method_env(METHODS[wildcards.method])
+
     def metrics(self) -> list[str]:
         return [cell.metrics for cell in self.cells]
 

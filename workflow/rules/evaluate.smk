@@ -91,7 +91,7 @@ rule evaluate_packed:
     wildcard_constraints:
         method=PLAN.checkpoint_pattern(),
     conda:
-        PLAN.env(Family.PACKED)
+        PLAN.cell_env
     threads: 8
     resources:
         gpu=1,
@@ -110,7 +110,8 @@ rule evaluate_packed:
 
 
 rule evaluate_load_time:
-    """bitsandbytes and EETQ quantize while loading: no artifact, the evaluation job quantizes."""
+    """bitsandbytes, EETQ, HQQ, torchao and quanto quantize while loading: no artifact, the evaluation job
+    quantizes (each in its method's env)."""
     input:
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
@@ -125,7 +126,7 @@ rule evaluate_load_time:
     wildcard_constraints:
         method=PLAN.method_pattern(Family.LOAD_TIME),
     conda:
-        PLAN.env(Family.LOAD_TIME)
+        PLAN.cell_env
     threads: 8
     resources:
         gpu=PLAN.gpus,

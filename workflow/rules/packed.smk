@@ -14,7 +14,7 @@ rule quantize_packed:
     wildcard_constraints:
         method=PLAN.method_pattern(Family.PACKED),
     conda:
-        PLAN.env(Family.PACKED)
+        PLAN.cell_env
     threads: 8
     resources:
         gpu=1,

@@ -38,7 +38,7 @@ class TransformersBackend:
         self.device = "cuda" if next(model.parameters()).is_cuda else "cpu"
         self.dtype = model.dtype
         self.backend = backend
-        self.weight_bytes = model.get_memory_footprint()
+        self.weight_bytes = weight_bytes(model)
         self.head = Head.of(model)
         self.head_checked = False
 
@@ -52,8 +52,8 @@ class TransformersBackend:
 
         torch.set_num_threads(threads)
         cuda = torch.cuda.is_available()
-        if method.cuda_only and not cuda:
-            raise Skipped(f"{method.cuda_only}, and this machine has none")
+        if (why := method.cuda_only(params)) and not cuda:
+            raise Skipped(f"{why}, and this machine has none")
         module = importlib.import_module(f"quantbench.{method.module}") if method.module else None
         if method.family is Family.PACKED:
             model, used = module.load(method.name, model_dir, kernel, trust_remote_code)
@@ -73,16 +73,20 @@ class TransformersBackend:
             backend = cls(model, backend=f"transformers-{method.name}", model_dir=model_dir)
             backend.training = training
             return backend
-        kwargs = {}
+        if cuda and gpus > 1:
+            placement = {"device_map": "auto", "max_memory": spread_over(gpus)}
+        else:
+            placement = {"device_map": "cuda" if cuda else "cpu"}
+
+        def load(quantization_config=None):
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                        quantization_config=quantization_config, **placement)
+
         if method.family is Family.LOAD_TIME:
             module.require()
-            kwargs["quantization_config"] = module.quantization_config(params)
-        if cuda and gpus > 1:
-            kwargs |= {"device_map": "auto", "max_memory": spread_over(gpus)}
+            model = module.quantize(params, "cuda" if cuda else "cpu", load)
         else:
-            kwargs["device_map"] = "cuda" if cuda else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **kwargs)
+            model = load()
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}",
                    model_dir=model_dir)
 
@@ -102,7 +106,7 @@ class TransformersBackend:
     def logits(self, ids: np.ndarray, n_scored: int) -> HeadLogits:
         """The head inputs at the scored positions, on the model's device: the forward runs with the
         output head taken out, so full-vocabulary logits are never made for the whole batch."""
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: quanto's matmuls are autograd functions it refuses
             batch = torch.from_numpy(ids).to(self.device)
             if not self.head_checked:
                 self.check_head(batch[:1], min(n_scored, HEAD_CHECK_ROWS))
@@ -156,7 +160,7 @@ class TransformersBackend:
             for _ in range(1 if warm_up else N_GEN):
                 step(rng.integers(self.n_vocab, size=1))
 
-        with torch.inference_mode():
+        with torch.no_grad():
             reset()
             pp = rates(prefill, reset, N_PROMPT, repetitions)
             reset()
@@ -173,7 +177,7 @@ class TransformersBackend:
         configured = self.model.generation_config.eos_token_id
         eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
         out = []
-        with torch.inference_mode():
+        with torch.no_grad():
             for prompt in prompts:
                 if chat:
                     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
@@ -222,6 +226,25 @@ def spread_over(gpus: int) -> dict[int, int]:
     if torch.cuda.device_count() < gpus:
         raise RuntimeError(f"the model's gpus is {gpus}, and this job sees {torch.cuda.device_count()} GPUs")
     return {i: int(0.9 * torch.cuda.get_device_properties(i).total_memory) for i in range(gpus)}
+
+
+def weight_bytes(model) -> int:
+    """The bytes the model's weights hold in memory: each storage of its state once (tied weights share
+    one), a tensor subclass (torchao, quanto) by the tensors it holds, packed data as packed."""
+    storages = {}
+
+    def add(t):
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+        else:
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+
+    for tensor in model.state_dict().values():
+        if isinstance(tensor, torch.Tensor):
+            add(tensor)
+    return sum(storages.values())
 
 
 def _checkpoint_dtype(model_dir: str) -> str | None:
