@@ -1,5 +1,6 @@
-"""The CUDA paths through the real workflow on a GPU: GPTQ, AWQ and RTN quantized and evaluated on the
-GPU, and the FP16 baseline, bitsandbytes int8 / nf4 / fp4 and EETQ evaluated there. Skipped where
+"""The CUDA paths through the real workflow on a GPU: GPTQ, AWQ, RTN and AutoRound quantized and evaluated
+on the GPU; the FP16 baseline, bitsandbytes int8 / nf4 / fp4, EETQ, HQQ, torchao (float8 included) and
+quanto evaluated there; a QLoRA cell trained there. Skipped where
 torch sees no CUDA device (CI has none); on a GPU machine: pytest tests/test_cuda.py"""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from transformers.utils import is_kernels_available
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-CHECKPOINTS = ["gptq", "awq", "rtn"]
+CHECKPOINTS = ["gptq", "awq", "rtn", "autoround"]
 BNB = [{"name": "int8", "mode": "int8"},
        {"name": "nf4", "mode": "nf4", "double_quant": True, "compute_dtype": "float16"},
        {"name": "fp4", "mode": "fp4", "compute_dtype": "float16"}]
@@ -25,7 +26,11 @@ def cuda_run(tmp_path_factory, tiny):
     work = tmp_path_factory.mktemp("cuda")
     cfg = write_config(work, {
         "models": {"tiny": {"source": "path", "path": str(tiny["hf"])}},
-        "methods": {"bnb": {"variants": BNB}, "eetq": {"variants": ["int8"]},
+        "methods": {"bnb": {"variants": BNB}, "eetq": {"variants": ["int8"]}, "hqq": {"variants": ["w4g64"]},
+                    "torchao": {"variants": ["int8", {"name": "int4-g64", "weights": "int4", "group_size": 64},
+                                             "float8"]},
+                    "quanto": {"variants": ["int4"]},
+                    "qlora": {"variants": [{"name": "r8", "r": 8, "steps": 12, "lr": 1e-3}]},
                     **{m: {"variants": [{"name": "w4g128", "bits": 4, "group_size": 128}], "kernel": "triton"}
                        for m in CHECKPOINTS}},  # triton: auto would JIT-compile Marlin, minutes the first time
         "calibration": {"source": "eval-holdout", "n_samples": 8, "seq_len": 128},
@@ -55,6 +60,10 @@ def test_every_cell_but_eetq_runs_on_the_gpu(cuda_run):
     assert checkpoints["kernel"].str.contains("Triton").all(), checkpoints["kernel"].to_dict()
     memory = cells["weight_memory_mb"]
     assert memory[("bnb", "nf4")] < memory[("bnb", "int8")] < memory[("baseline", "fp16")]
+    for cell in [("hqq", "w4g64"), ("quanto", "int4"), ("torchao", "int8"), ("torchao", "float8")]:
+        assert memory[cell] < memory[("baseline", "fp16")], cell
+    qlora = cells.loc[("qlora", "r8")]
+    assert qlora["train_peak_vram_mb"] > 0 and qlora["train_loss_last"] < qlora["train_loss_first"]
     assert memory[("bnb", "fp4")] == pytest.approx(memory[("bnb", "nf4")], rel=0.1)
 
 

@@ -216,3 +216,27 @@ def test_a_damaged_file_inside_a_checkpoint_is_named_and_rebuilt(tmp_path, tiny)
     run = snakemake(tmp_path, config=cfg)  # the same command again: quantized anew, evaluated
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert json.loads((cell / "metrics.json").read_text())["ppl"] == pytest.approx(ppl)
+
+
+def test_a_cell_whose_log_probabilities_are_not_finite_is_a_failed_row(tmp_path, tiny):
+    """A kernel that computes NaN (as torchao int8 did in float16 on a GPU) gives a failed row naming it,
+    never an "ok" row without a perplexity."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny["hf"], broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(tmp_path, {
+        "models": {"nan": {"source": "path", "path": str(broken)}},
+        "methods": {"bnb": {"variants": ["int8"]}},
+        "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 2},
+        "report": {"speed_repetitions": 2, "max_new_tokens": 2}})
+    snakemake(tmp_path, config=cfg)
+    df = pd.read_csv(tmp_path / "results" / "report" / "summary.csv").set_index(["method", "variant"])
+    for cell in (("baseline", "fp16"), ("bnb", "int8")):
+        assert df.loc[cell, "status"] == "failed", df.loc[cell].to_dict()
+        assert "its perplexity is nan: the model's log-probabilities are not finite" in df.loc[cell, "error"]

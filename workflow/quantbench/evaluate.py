@@ -59,6 +59,8 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
         recorder = Recorder(backend, sum(w.n_scored for w in wins)) if write_distributions else None
         record |= score(backend, tokens, wins, protocol, eval_spec["batch_size"], meta["tokenizer"]["bos_token_id"],
                         baseline, recorder)
+        if not np.isfinite(record["ppl"]):  # a kernel's NaN is a failed cell, never a row that looks scored
+            raise ValueError(f"its perplexity is {record['ppl']}: the model's log-probabilities are not finite")
         kept = recorder.finish(artifact) if recorder else None
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": backend.peak_vram_mb(), **backend.info()}
         if generation:

@@ -41,7 +41,7 @@ class Bits(enum.Enum):
     STORED = "bytes of the stored tensors over their parameters"
     GGUF = "bytes of the GGUF's tensors over their parameters (its tensor-type mix)"
     PACKED = "bytes of the stored tensors (packed weights, scales, zero points) over the unquantized parameters"
-    IN_MEMORY = "the loaded model's memory footprint over its parameters"
+    IN_MEMORY = "bytes the loaded model's weights hold in memory (packed data, scales) over its parameters"
 
 
 REQUIRED = object()  # a parameter with no default: the variant's name or keys must say it
