@@ -23,9 +23,12 @@ def test_dry_run_of_the_default_config_shows_the_whole_dag(tmp_path):
                   if len(line.split()) == 2 and line.split()[1].isdigit())
     assert counts["download_model"] == "1"
     assert counts["convert_gguf"] == "1"
-    assert counts["quantize_gguf"] == "8"
+    assert counts["quantize_gguf"] == "7"
     assert counts["fetch_gguf_file"] == "1"  # the wheel's Q4_1 file, as published
-    assert counts["evaluate_gguf"] == counts["ollama_modelfile"] == "9"  # 8 quantized here, 1 published
+    assert counts["evaluate_gguf"] == counts["ollama_modelfile"] == "8"  # 7 quantized here, 1 published
+    assert counts["quantize_packed"] == counts["evaluate_packed"] == "6"  # gptq 2, awq, rtn 2, autoround
+    assert counts["evaluate_load_time"] == "6"  # bnb 2, eetq, hqq, torchao, quanto
+    assert counts["evaluate_finetune"] == "1"  # qlora
     assert counts["imatrix"] == "1" and counts["calibration_tokens"] == "1"  # one per model, for GPTQ/AWQ too
     assert counts["build_llama_tools"] == "1"  # setup builds them where it ran in the repository
     assert counts["evaluate_baseline"] == "1"
