@@ -237,8 +237,8 @@ def test_the_method_table_is_the_only_list_of_methods(tmp_path):
     # Rule selection: each method's cells are evaluated by the rule of its family, read from the table.
     text = tmp_path / "eval.txt"
     text.write_text("Some text to score.\n" * 100)
-    variants = {"gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": ["int8"], "torchao": ["int8"], "quanto": ["int4"],
-                "qlora": [{"name": "r8"}]}
+    variants = {"gguf": ["Q4_K_M"], "autoround-gguf": ["Q4_K_M"], "eetq": ["int8"], "bnb": ["int8"], "torchao": ["int8"],
+                "quanto": ["int4"], "qlora": [{"name": "r8"}]}
     cfg = write_config(tmp_path, {
         "models": {"m": {"source": "hf", "repo": "org/name", "revision": SHA}},
         "methods": {m: {"variants": variants.get(m, ["w4g128"])} for m in methods.CONFIGURABLE},
@@ -248,8 +248,9 @@ def test_the_method_table_is_the_only_list_of_methods(tmp_path):
     run = snakemake(tmp_path, "-n", config=cfg)
     assert run.returncode == 0, run.stderr[-3000:]
     evaluated = {method: rule for rule, method in re.findall(
-        r"rule (evaluate_\w+):\n(?:    .*\n)*?    wildcards: model=m, method=(\w+)", run.stdout)}
-    assert evaluated == {m: f"evaluate_{methods.METHODS[m].family.value.replace('-', '_')}" for m in methods.CONFIGURABLE}
+        r"rule (evaluate_\w+):\n(?:    .*\n)*?    wildcards: model=m, method=([\w-]+)", run.stdout)}
+    assert evaluated == {m: "evaluate_gguf" if methods.METHODS[m].backend == methods.LLAMA_CPP else
+                         f"evaluate_{methods.METHODS[m].family.value.replace('-', '_')}" for m in methods.CONFIGURABLE}
 
 
 def test_awq_groups_must_divide_the_model_widths(tmp_path):

@@ -1,6 +1,7 @@
 """GGUF as its users run it: a published GGUF evaluated as it is beside its base model (and one of
-another model refused before scoring), a Modelfile beside every GGUF that Ollama can read, llama-bench's
-pp/tg speeds, and greedy completions of the config's prompts through llama-cpp-python's `Llama`."""
+another model refused before scoring), AutoRound's GGUF export beside llama.cpp's own quantization of
+the same type, a Modelfile beside every GGUF that Ollama can read, llama-bench's pp/tg speeds, and
+greedy completions of the config's prompts through llama-cpp-python's `Llama`."""
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ def users_run(tmp_path_factory, chat_model, tiny, tiny_gguf, other_vocab_gguf, c
         "models": {"tiny": {"source": "path", "path": str(chat_model), "gguf_files": {
             "published-Q8_0": {"path": str(tiny_gguf)},  # converted straight to Q8_0, as a community file is
             "other-model": {"path": str(other_vocab_gguf)}}}},
-        "methods": {"gguf": {"variants": ["Q8_0", {"type": "Q4_0"}]}},
+        "methods": {"gguf": {"variants": ["Q8_0", {"type": "Q4_0"}]},
+                    "autoround-gguf": {"variants": ["Q4_0", {"name": "Q4_0-i8", "type": "Q4_0", "iters": 8}]}},
+        "calibration": {"source": "eval-holdout", "n_samples": 8, "seq_len": 128},
         "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 8},
         "report": {"prompts": PROMPTS, "max_new_tokens": 12},
         "ollama": {"parameters": {"temperature": 0.2}},
@@ -85,8 +88,33 @@ def test_a_gguf_of_another_model_is_refused_before_scoring_naming_both_sizes(use
     assert df.loc["other-model", "status"] == "failed"  # a row with its reason, the report still whole
 
 
+def test_autoround_exports_a_gguf_of_the_type_scored_beside_llama_cpps_own(users_run):
+    own = _metrics(users_run, "gguf", "Q4_0")
+    calibration = json.loads((users_run / "results" / "tiny" / "data" / "calib_tokens.json").read_text())
+    for variant, iters in [("Q4_0", 0), ("Q4_0-i8", 8)]:
+        m = _metrics(users_run, "autoround-gguf", variant)
+        assert m["status"] == "ok", m["error"]
+        assert m["params"] == {"type": "Q4_0", "iters": iters} and m["bits"] == 4
+        assert m["backend"] == "llama.cpp" and m["file_type"] == "Q4_0"
+        assert m["calibration"]["tokens_sha256"] == calibration["tokens_sha256"]  # the shared calibration tokens
+        assert m["tensor_types"] == own["tensor_types"]  # llama.cpp's mix for Q4_0: the output head in Q6_K
+        assert m["protocol"]["n_scored_tokens"] == own["protocol"]["n_scored_tokens"]
+        # a 4-bit quantization of the same weights: neither lossless nor far from llama.cpp's own Q4_0
+        assert 0 < m["kl_mean"] < 3 * own["kl_mean"] and m["top1_agree"] > 0.5
+    summary = (users_run / "results" / "report" / "summary.md").read_text()
+    section = summary.split("### One GGUF type, several quantizers")[1].split("\n#")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| tiny ") and line.split(" | ")[1].strip() == "Q4_0"]
+    assert len(rows) == 3
+    assert {r.split(" | ")[2].strip() for r in rows} == {"llama.cpp", "AutoRound, untuned", "AutoRound, 8 tuning steps a block"}
+    kl = [_metrics(users_run, *cell)["kl_mean"] for cell in
+          [("gguf", "Q4_0"), ("autoround-gguf", "Q4_0"), ("autoround-gguf", "Q4_0-i8")]]
+    order = [r.split(" | ")[3].strip() for r in rows]  # variants, least KL first
+    assert order == [v for _, v in sorted(zip(kl, ["Q4_0", "Q4_0", "Q4_0-i8"]))]
+
+
 def test_every_gguf_cell_has_a_modelfile_ollama_can_read(users_run, tiny_gguf):
-    for method, variant in [("gguf", "Q8_0"), ("gguf", "Q4_0"), ("gguf-file", "published-Q8_0")]:
+    for method, variant in [("gguf", "Q8_0"), ("gguf", "Q4_0"), ("gguf-file", "published-Q8_0"),
+                            ("autoround-gguf", "Q4_0")]:
         modelfile = users_run / paths.cell(paths.MODELFILE, "tiny", method, variant)
         parsed = ollama.parse(modelfile)
         gguf = (modelfile.parent / parsed["FROM"]).resolve()
@@ -96,7 +124,7 @@ def test_every_gguf_cell_has_a_modelfile_ollama_can_read(users_run, tiny_gguf):
         assert parsed["parameters"]["temperature"] == ["0.2"]
         assert all(stop in meta["tokens"] for stop in parsed["parameters"].get("stop", []))
         if meta["chat_template"]:  # converted here from the chat model: its ChatML turns in Ollama's syntax
-            assert method == "gguf" and "<|im_start|>" in meta["chat_template"]
+            assert method in ("gguf", "autoround-gguf") and "<|im_start|>" in meta["chat_template"]
             assert parsed["TEMPLATE"] == ollama.chat_family(meta["chat_template"]).template
             assert "{{ .Content }}<|im_end|>" in parsed["TEMPLATE"] and "{{- range .Messages }}" in parsed["TEMPLATE"]
         else:  # the published file came from the model without one: prompts go in as they are

@@ -31,7 +31,7 @@ CELLS = {  # (method, variant): the fields a real evaluation writes
                                      "tokens_sha256": "cd" * 32, "n_tokens": 262_144}},
     ("rtn", "w4"): {"bits": 4, "status": "failed", "error": "RuntimeError: out of memory", "ppl": None},
     ("gguf", "Q4_K_M"): {"bits": 4, "status": "ok", "ppl": 28.90, "ppl_stderr": 0.21, "kl_mean": 0.05, "kl_p99": 0.4,
-                         "top1_agree": 0.87, "size_bytes": 112_000_000, "bits_per_weight": 7.15,
+                         "top1_agree": 0.87, "size_bytes": 112_000_000, "bits_per_weight": 7.15, "file_type": "Q4_K_M",
                          "eval_tokens_per_s": 950.0, "peak_rss_mb": 1200.0, "quantize_s": 1.2},
     ("eetq", "int8"): {"bits": 8, "status": "skipped", "error": "EETQ's int8 kernels need CUDA, and this machine has none"},
 }

@@ -122,6 +122,23 @@ def _quantize_packed(a):
         packed.run(json.loads(a.cell), a.hf, a.calib, a.calib_meta, a.out, a.info, a.threads)
 
 
+def _export_gguf(a):
+    """A GGUF written from the HF model by a calibrated quantizer (Family.GGUF_EXPORT)."""
+    import importlib
+
+    from . import artifacts, io
+    from .methods import METHODS
+    from .packed import measured
+
+    seals.verify(a.hf, a.calib)
+    cell = json.loads(a.cell)
+    module = importlib.import_module(f"quantbench.{METHODS[cell['method']].module}")
+    with seals.sealing(a.out):
+        info = measured(module.export_gguf(cell["params"], a.hf, a.calib, a.out, a.threads), a.threads)
+    info["calibration"] = io.read_json(a.calib_meta)
+    io.write_json(a.info, info | artifacts.gguf_stats(a.out))  # read once here, as for llama.cpp's quantizer
+
+
 def _check_config(a):
     from . import config
 
@@ -261,6 +278,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--info", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_quantize_packed)
+
+    p = sub.add_parser("export-gguf", help="HF model + calibration tokens -> a GGUF file (AutoRound's export)")
+    p.add_argument("--cell", required=True)
+    p.add_argument("--hf", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--calib-meta", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--info", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_export_gguf)
 
     p = sub.add_parser("check-config", help="validate config files as the workflow does (YAML errors with their line)")
     p.add_argument("files", nargs="+")

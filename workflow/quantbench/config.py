@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import architecture, paths, protocols
-from .methods import BASELINE, BASELINE_VARIANT, METHODS, PUBLISHED_BY, Method, VariantError, variant_name
+from .methods import BASELINE, BASELINE_VARIANT, METHODS, PUBLISHED_BY, Family, Method, VariantError, variant_name
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -156,8 +156,9 @@ def check(config: dict) -> None:
                 model, architecture.widths(local[model]), spec["variants"])
             if problem:
                 raise ConfigError(*problem)
-    if "gguf" in config["methods"]:
-        _check_convertible(config["methods"]["gguf"].get("models") or models, local)
+    for name, spec in config["methods"].items():  # the methods that write GGUF files of the HF model
+        if METHODS[name].family in (Family.GGUF, Family.GGUF_EXPORT):
+            _check_convertible(name, spec.get("models") or models, local)
     gguf_models = config["methods"].get("gguf", {}).get("models")
     if config["eval"].get("tokens") == "gguf" and gguf_models:
         left_out = [m for m in models if m not in gguf_models]
@@ -242,9 +243,9 @@ def _check_gguf_file(key: str, spec: dict) -> None:
                 raise ConfigError(f"{key}.path", f"{spec['path']} is not a GGUF file (it does not start with 'GGUF')")
 
 
-def _check_convertible(gguf_models: list[str], local: dict) -> None:
+def _check_convertible(method: str, gguf_models: list[str], local: dict) -> None:
     """Once an earlier run (or setup) fetched llama.cpp's converter, its registry says which local models
-    it can convert."""
+    it can convert (AutoRound's export carries a copy of the same converter)."""
     converter = Path(paths.CONVERTER)
     if not converter.is_file():
         return
@@ -254,9 +255,9 @@ def _check_convertible(gguf_models: list[str], local: dict) -> None:
     for name in gguf_models:
         unknown = [a for a in (local[name] or {}).get("architectures") or [] if a not in known]
         if unknown:
-            raise ConfigError("methods.gguf.models", f"llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON_PIN}) "
-                              f"cannot convert model '{name}' ({', '.join(unknown)}); list the other models in "
-                              "methods.gguf.models")
+            raise ConfigError(f"methods.{method}.models", f"llama.cpp's converter (llama-cpp-python "
+                              f"{LLAMA_CPP_PYTHON_PIN}) cannot convert model '{name}' ({', '.join(unknown)}); list the "
+                              f"other models in methods.{method}.models")
 
 
 def _check_text_length(config: dict) -> None:

@@ -42,7 +42,7 @@ def _model_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
         entry("CPU / low memory", "GGUF Q4_K_M or Q5_K_M", None, f"no CPU cell within ΔPPL ≤ {budget_pct}%", None)
     else:
         best = cpu.loc[weight_bytes(cpu).idxmin()]
-        agrees = best["method"] == "gguf" and best["variant"] in ("Q4_K_M", "Q5_K_M")
+        agrees = best.get("file_type") in ("Q4_K_M", "Q5_K_M")  # a GGUF file of that type, whoever quantized it
         entry("CPU / low memory", "GGUF Q4_K_M or Q5_K_M", best,
               f"smallest weights within ΔPPL ≤ {budget_pct}% on the CPU: " + numbers(best, f"peak {peak_mb(best):.0f} MB"),
               agrees, None if agrees else f"{best['method']} {best['variant']} is smaller at the same quality budget")
@@ -62,8 +62,9 @@ def _model_guide(df: pd.DataFrame, budget_pct: float) -> list[dict]:
     four = quantized[(quantized["method"] == "bnb") & (quantized["bits"] == 4)]
     if not qlora.empty:
         fitting = qlora[qlora["delta_ppl_pct"] <= budget_pct]
-        best = (fitting if not fitting.empty else qlora).sort_values("train_peak_rss_mb").iloc[0]
-        memory = best["train_peak_vram_mb"] if pd.notna(best.get("train_peak_vram_mb")) else best["train_peak_rss_mb"]
+        candidates = fitting if not fitting.empty else qlora
+        best = candidates.loc[candidates.apply(peak_mb, axis=1, step="train_").idxmin()]
+        memory = peak_mb(best, "train_")
         entry("Fine-tuning (QLoRA)", "bitsandbytes 4-bit (nf4)", best,
               f"QLoRA measured: {best['trainable_params']:.0f} trainable parameters, {memory:.0f} MB peak, "
               f"{best['train_s_per_step']:.2f} s a step, loss {best['train_loss_first']:.3f} → "

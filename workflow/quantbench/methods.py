@@ -17,6 +17,7 @@ class Family(enum.Enum):
 
     BASELINE = "baseline"    # the unquantized model, evaluated in transformers
     GGUF = "gguf"            # a GGUF file from llama.cpp's quantizer, evaluated in llama.cpp
+    GGUF_EXPORT = "gguf-export"  # a GGUF file written from the HF model by a calibrated quantizer, evaluated in llama.cpp
     PACKED = "packed"        # a packed checkpoint directory, quantized once and loaded back in transformers
     LOAD_TIME = "load-time"  # quantized while transformers loads the model: nothing on disk
     PREQUANTIZED = "prequantized"  # a quantized artifact someone published, evaluated as it is
@@ -26,6 +27,7 @@ class Family(enum.Enum):
 # What the module of a family's methods provides (`Method.module`), for the workflow and the loaders.
 MODULE_INTERFACE = {
     Family.GGUF: ("quantize",),                                 # F16 GGUF -> a llama.cpp type
+    Family.GGUF_EXPORT: ("export_gguf",),                       # HF model + calibration tokens -> a llama.cpp type
     Family.PACKED: ("quantize_isolated", "run", "load", "backend"),  # quantize once, save; load back by a kernel
     # quantize(params, device, load): the model, from load(transformers' quantization config or None)
     Family.LOAD_TIME: ("quantize", "require"),                  # the quantized model; what the machine needs
@@ -161,7 +163,7 @@ def variant_name(variant) -> str:
 
 # llama.cpp quantization types (name -> bits, for sorting and the claims tables).
 GGUF_TYPES = {
-    "IQ1_S": 1, "IQ1_M": 1, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 2, "IQ2_M": 2, "Q2_K": 2,
+    "IQ1_S": 1, "IQ1_M": 1, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 2, "IQ2_M": 2, "Q2_K_S": 2, "Q2_K": 2,
     "IQ3_XXS": 3, "IQ3_XS": 3, "IQ3_S": 3, "IQ3_M": 3, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3,
     "IQ4_XS": 4, "IQ4_NL": 4, "Q4_0": 4, "Q4_1": 4, "Q4_K_S": 4, "Q4_K_M": 4,
     "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5, "Q6_K": 6, "Q8_0": 8, "F16": 16, "BF16": 16,
@@ -210,17 +212,21 @@ def _width_group_spelling(params: dict) -> str:
     return f"w{params['bits']}g{params['group_size']}"
 
 
-def _k_quant_rows(model: str, widths: dict, variants: list):
+def _k_quant_rows(method: str):
     """A k-quant block spans 256 weights of a row; llama.cpp quietly stores rows of another length in
-    a legacy type. Where no matrix fits, the cell would not be the k-quant it is named."""
-    k_quants = [variant_name(v) for v in variants
-                if "_K" in (t := GGUF.variant_params(v)["type"]) or (needs_imatrix(t) and t != "IQ4_NL")]
-    if k_quants and widths and all(w % K_QUANT_BLOCK for w in widths.values()):
-        shown = " and ".join(f"{k} {w}" for k, w in widths.items())
-        return ("methods.gguf.variants",
-                f"{k_quants} need rows divisible by {K_QUANT_BLOCK}, but model '{model}' has {shown}: llama.cpp "
-                "would store every matrix in a fallback type. Use Q4_0/Q5_0/Q8_0, or restrict methods.gguf.models")
-    return None
+    a legacy type. Where no matrix of a model fits, the cell would not be the k-quant it is named."""
+
+    def check(model: str, widths: dict, variants: list):
+        k_quants = [variant_name(v) for v in variants
+                    if "_K" in (t := METHODS[method].variant_params(v)["type"]) or (needs_imatrix(t) and t != "IQ4_NL")]
+        if k_quants and widths and all(w % K_QUANT_BLOCK for w in widths.values()):
+            shown = " and ".join(f"{k} {w}" for k, w in widths.items())
+            return (f"methods.{method}.variants",
+                    f"{k_quants} need rows divisible by {K_QUANT_BLOCK}, but model '{model}' has {shown}: no matrix "
+                    f"could be stored in that type. Use Q4_0/Q5_0/Q8_0, or restrict methods.{method}.models")
+        return None
+
+    return check
 
 
 def _awq_groups(model: str, widths: dict, variants: list):
@@ -244,7 +250,7 @@ GGUF = Method(
     params={"type": Param(str, REQUIRED, tuple(GGUF_TYPES), meaning=f"a llama.cpp type: {', '.join(GGUF_TYPES)}"),
             # from the model's calibration tokens (`calibration`), computed once per model by llama-imatrix
             "imatrix": Param(bool, False, (False, True))},
-    bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows, consistent=_gguf_consistent)
+    bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows("gguf"), consistent=_gguf_consistent)
 GPTQ = Method(
     "gptq", Family.PACKED, "GPTQ through GPTQModel", module="packed", env="gptqmodel", counted=Bits.PACKED,
     calibrated=True, kernels=KERNELS, shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
@@ -272,6 +278,18 @@ AUTOROUND = Method(
             "sym": Param(bool, True, (True,), meaning="true (GPTQModel loads asymmetric GPTQ-format checkpoints "
                                                        "only from its own quantizer)"),
             "iters": Param(int, 200, check=_positive, meaning="a positive integer (tuning steps per block)")})
+# auto-round 0.16's GGUF schemes (gguf:q4_k_m ...), by the llama.cpp type each writes
+AUTOROUND_GGUF_TYPES = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+                        "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+AUTOROUND_GGUF = Method(
+    "autoround-gguf", Family.GGUF_EXPORT, "AutoRound's own GGUF export: llama.cpp types with rounding tuned on the "
+    "calibration tokens", module="autoround", env="autoround", backend=LLAMA_CPP, counted=Bits.GGUF, calibrated=True,
+    shorthand=lambda name: {"type": name} if name in GGUF_TYPES else None, spell=lambda params: params["type"],
+    example="Q4_K_M", bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows("autoround-gguf"),
+    params={"type": Param(str, REQUIRED, AUTOROUND_GGUF_TYPES, meaning="a llama.cpp type auto-round 0.16 exports: "
+                                                                      + ", ".join(AUTOROUND_GGUF_TYPES)),
+            # 0, AutoRound's advice for today's GGUF types: its own scale search, no sign-gradient tuning
+            "iters": Param(int, 0, check=lambda v: v >= 0, meaning="a whole number ≥ 0 (tuning steps per block)")})
 BNB_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB = Method(
     "bnb", Family.LOAD_TIME, "bitsandbytes, quantized while loading", module="bnb", env="torch",
@@ -331,8 +349,8 @@ CHECKPOINT = Method(
     env="gptqmodel", counted=Bits.PACKED, bits=lambda params: None)
 PUBLISHED_BY = {"gguf_files": GGUF_FILE, "checkpoints": CHECKPOINT}  # a model's key -> the method of its entries
 
-METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, AUTOROUND, BNB, EETQ, HQQ, TORCHAO, QUANTO,
-                                                  QLORA, GGUF_FILE, CHECKPOINT)}
+METHODS: dict[str, Method] = {m.name: m for m in (BASELINE, GGUF, GPTQ, AWQ, RTN, AUTOROUND, AUTOROUND_GGUF, BNB, EETQ,
+                                                  HQQ, TORCHAO, QUANTO, QLORA, GGUF_FILE, CHECKPOINT)}
 # The methods of the config's `methods` section (the baseline is always there; published files are a model's)
 CONFIGURABLE = tuple(name for name, m in METHODS.items() if m.family not in (Family.BASELINE, Family.PREQUANTIZED))
 BASELINE_VARIANT = "fp16"

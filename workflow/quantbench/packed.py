@@ -39,12 +39,12 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(threads))
     torch.set_num_threads(threads)
-    from gptqmodel import BACKEND, GPTQModel
-
     if method == "autoround":
         from . import autoround
 
-        return _measured(autoround.quantize(params, hf_dir, calib_ids, out_dir), threads)
+        return measured(autoround.quantize(params, hf_dir, calib_ids, out_dir), threads)
+    from gptqmodel import BACKEND, GPTQModel
+
     calibration = None
     if calib_ids:
         samples = np.load(calib_ids)
@@ -58,10 +58,11 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
     quantize_s = time.perf_counter() - t0
     with io.atomic_path(out_dir) as staging:
         model.save(str(staging))
-    return _measured({"quantize_s": quantize_s}, threads)
+    return measured({"quantize_s": quantize_s}, threads)
 
 
-def _measured(info: dict, threads: int) -> dict:
+def measured(info: dict, threads: int) -> dict:
+    """A quantization's record with the threads, peak memory and device it took."""
     import torch
 
     return {

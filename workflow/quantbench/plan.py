@@ -146,7 +146,8 @@ class Plan:
             return {"text": self.text["path"], "gguf": paths.F16_GGUF.format(model=wildcards.model)}
         return {"text": self.text["path"], "hf": paths.MODEL_DIR.format(model=wildcards.model)}
 
-    def packed_inputs(self, wildcards) -> dict:
+    def quantize_inputs(self, wildcards) -> dict:
+        """What quantizing from the HF model takes: the model, and its calibration tokens where the method is calibrated."""
         inputs = {"hf": paths.MODEL_DIR.format(model=wildcards.model)}
         if METHODS[wildcards.method].calibrated:
             inputs |= {"calib": paths.CALIB_TOKENS.format(model=wildcards.model),
@@ -188,6 +189,9 @@ class Plan:
         if method.family is Family.PREQUANTIZED:
             artifact = paths.GGUF_FILE if method is GGUF_FILE else paths.QUANTIZE_INFO
             out.append(("fetch", paths.cell(artifact, model, cell.method, cell.variant), paths.log("fetch", per_cell)))
+        if method.family is Family.GGUF_EXPORT:
+            out.append(("quantize", paths.cell(paths.GGUF_FILE, model, cell.method, cell.variant),
+                        paths.log("quantize", per_cell)))
         if method.family is Family.PACKED:
             out.append(("quantize", paths.cell(paths.QUANTIZE_INFO, model, cell.method, cell.variant),
                         paths.log("quantize", per_cell)))

@@ -17,17 +17,17 @@ def require() -> None:
     import peft  # noqa: F401
 
 
-def train(params: dict, model_dir: str, calib_ids: str, dtype, device: str, trust_remote_code: bool = False):
-    """The adapted model (adapters in its modules) and what training recorded."""
+def train(params: dict, calib_ids: str, device: str, dtype, load):
+    """The adapted model (adapters in its modules) and what training recorded; `load` loads the base
+    model in `dtype` as the transformers backend places it, given a quantization config."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from . import bnb
 
     torch.manual_seed(0)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params["quant_type"],
-                                      bnb_4bit_use_double_quant=params["double_quant"], bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype,
-                                                 device_map=device, trust_remote_code=trust_remote_code)
+    model = bnb.quantize({"mode": params["quant_type"], "double_quant": params["double_quant"],
+                          "compute_dtype": str(dtype).removeprefix("torch.")}, device, load)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = params["target_modules"]
     lora = LoraConfig(r=params["r"], lora_alpha=params["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",

@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import claims as claims_tables
 from . import guide, io, paths, plots, published, serving, summary
-from .methods import BASELINE, CHECKPOINT, GGUF_FILE, METHODS, QLORA
+from .methods import AUTOROUND_GGUF, BASELINE, CHECKPOINT, GGUF_FILE, LLAMA_CPP, METHODS, QLORA, of_backend
 
 MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
         "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "pp_tokens_per_s", "tg_tokens_per_s",
@@ -43,6 +43,7 @@ DISPLAY = {
     "trainable_params": ("trainable parameters", "{:,.0f}"), "train_steps": ("steps", "{:.0f}"),
     "train_s_per_step": ("s / step", "{:.2f}"), "train_peak_MB": ("training peak MB", "{:.0f}"),
     "train_loss_first": ("loss before", "{:.3f}"), "train_loss_last": ("loss after", "{:.3f}"),
+    "file_type": ("GGUF type", None),
 }
 
 
@@ -87,6 +88,7 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
         claims_tables.precision_table(df, claims), level=3))
     out.append(Section("GGUF levels", [], claims_tables.gguf_table(df, claims), level=3))
     out.append(Section("Method families", [], claims_tables.method_table(df, claims), level=3))
+    out += _gguf_quantizers(df)
     out.append(Section("Selection guide", [
         f"For each model, the best measured cell for each scenario, among that model's cells within ΔPPL ≤ "
         f"{budget_pct:g}% of its FP16 baseline (`report.quality_budget_pct`), and how it compares with the usual "
@@ -114,13 +116,39 @@ def _samples(df: pd.DataFrame) -> list[Section]:
     return out
 
 
+def _gguf_quantizers(df: pd.DataFrame) -> list[Section]:
+    """GGUF files of one llama.cpp type written by different quantizers (llama.cpp's, with or without an
+    importance matrix; AutoRound's export; a published file), side by side: the type alone does not say
+    what quality a file has."""
+    cells = df[df["method"].isin(of_backend(LLAMA_CPP)) & (df["status"] == "ok")]
+    if cells.empty or "file_type" not in cells:
+        return []
+    def quantizer(cell, imatrix: bool) -> str:
+        if cell.method == AUTOROUND_GGUF.name:
+            iters = json.loads(cell.params)["iters"]
+            return f"AutoRound, {iters} tuning steps a block" if iters else "AutoRound, untuned"
+        if cell.method == GGUF_FILE.name:
+            return "published file"
+        return "llama.cpp + importance matrix" if imatrix else "llama.cpp"
+
+    cells = cells.assign(quantizer=[quantizer(c, m) for c, m in zip(cells.itertuples(), _imatrix_cells(cells))])
+    shared = cells.groupby(["model", "file_type"])["method"].transform("nunique") > 1
+    table = cells[shared].sort_values(["model", "file_type", "kl_mean"])[
+        ["model", "file_type", "quantizer", "variant", "bits_per_weight", "ppl", "delta_ppl_pct", "kl_mean",
+         "top1_agree", "quantize_s"]]
+    if table.empty:
+        return []
+    return [Section("One GGUF type, several quantizers", [
+        "Cells whose GGUF files are of the same llama.cpp type but were written by different quantizers, "
+        "closest to FP16 (least KL) first."], table, level=3)]
+
+
 def _fine_tuning(df: pd.DataFrame) -> list[Section]:
     """What a QLoRA fine-tune cost and what its adapted model scores."""
     cells = df[(df["method"] == QLORA.name) & (df["status"] == "ok")]
     if cells.empty:
         return []
-    peak = cells["train_peak_vram_mb"] if "train_peak_vram_mb" in cells else pd.Series(np.nan, cells.index)
-    table = cells.assign(train_peak_MB=peak.fillna(cells["train_peak_rss_mb"]))[
+    table = cells.assign(train_peak_MB=cells.apply(summary.peak_mb, axis=1, step="train_"))[
         ["model", "variant", "trainable_params", "train_steps", "train_s_per_step", "train_peak_MB",
          "train_loss_first", "train_loss_last", "ppl", "delta_ppl_pct", "kl_mean", "device"]]
     return [Section("Fine-tuning (QLoRA)", [

@@ -59,9 +59,10 @@ def ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "ok"]
 
 
-def peak_mb(row) -> float:
-    vram = row.get("peak_vram_mb")
-    return vram if pd.notna(vram) else row.get("peak_rss_mb")
+def peak_mb(row, step: str = "") -> float:
+    """The peak memory of a cell's `step` ("" its evaluation, "train_" its training): VRAM on a GPU, else RSS."""
+    vram = row.get(f"{step}peak_vram_mb")
+    return vram if pd.notna(vram) else row.get(f"{step}peak_rss_mb")
 
 
 def weights_in_memory(row) -> float:

@@ -1,5 +1,5 @@
 # The gguf method: HF -> F16 GGUF once per model (and its importance matrix where a variant asks),
-# then one llama.cpp quantization per variant.
+# then one llama.cpp quantization per variant. autoround-gguf: AutoRound writes the GGUF from the HF model.
 rule fetch_gguf_converter:
     """llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist (fetched once)."""
     output:
@@ -116,6 +116,33 @@ rule quantize_gguf:
     shell:
         "python -m quantbench quantize-gguf --src {input.f16} --dst {output.gguf} --type {params.type} {params.imatrix} "
         "--threads {threads} --info {output.info} > {log} 2>&1"
+
+
+rule export_gguf:
+    """A GGUF written from the HF model by a calibrated quantizer (AutoRound's export), in its method's env."""
+    input:
+        unpack(PLAN.quantize_inputs),
+    output:
+        gguf=paths.GGUF_FILE,
+        info=paths.QUANTIZE_INFO,
+    log:
+        paths.log("quantize", paths.PER_CELL),
+    benchmark:
+        paths.benchmark("quantize", paths.PER_CELL)
+    wildcard_constraints:
+        method=PLAN.method_pattern(Family.GGUF_EXPORT),
+    conda:
+        PLAN.cell_env
+    threads: 8
+    resources:
+        gpu=1,
+        mem_mb=scaled_by_attempt(16000),
+        runtime=720,
+    params:
+        cell=PLAN.cell_settings,
+    shell:
+        "python -m quantbench export-gguf --cell {params.cell:q} --hf {input.hf} --calib {input.calib} "
+        "--calib-meta {input.calib_meta} --out {output.gguf} --info {output.info} --threads {threads} > {log} 2>&1"
 
 
 rule ollama_modelfile:

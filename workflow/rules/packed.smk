@@ -3,7 +3,7 @@
 
 rule quantize_packed:
     input:
-        unpack(PLAN.packed_inputs),
+        unpack(PLAN.quantize_inputs),
     output:
         model=directory(paths.PACKED_DIR),
         info=paths.QUANTIZE_INFO,

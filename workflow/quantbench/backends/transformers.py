@@ -31,8 +31,10 @@ class TransformersBackend:
 
     windows_per_batch = None
 
-    def __init__(self, model, backend: str = "transformers", kernel: str | None = None, model_dir: str | None = None):
+    def __init__(self, model, backend: str = "transformers", kernel: str | None = None, model_dir: str | None = None,
+                 training: dict | None = None):
         self.model = model.eval()
+        self.training = training or {}  # what training its adapters recorded (QLoRA)
         self.model_dir = model_dir  # where it was loaded from, and its tokenizer if it has one
         self.kernel = kernel
         self.device = "cuda" if next(model.parameters()).is_cuda else "cpu"
@@ -66,13 +68,6 @@ class TransformersBackend:
             model, used = module.load(model_dir, kernel, trust_remote_code, "cuda" if cuda else "cpu", dtype)
             return cls(model, backend=f"{'gptqmodel' if used else 'transformers'}-{method.name}", kernel=used,
                        model_dir=model_dir)
-        if method.family is Family.FINETUNE:
-            module.require()
-            model, training = module.train(params, model_dir, calib, dtype, "cuda" if cuda else "cpu",
-                                           trust_remote_code)
-            backend = cls(model, backend=f"transformers-{method.name}", model_dir=model_dir)
-            backend.training = training
-            return backend
         if cuda and gpus > 1:
             placement = {"device_map": "auto", "max_memory": spread_over(gpus)}
         else:
@@ -82,15 +77,17 @@ class TransformersBackend:
             return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                                         quantization_config=quantization_config, **placement)
 
+        device, training = "cuda" if cuda else "cpu", None
         if method.family is Family.LOAD_TIME:
             module.require()
-            model = module.quantize(params, "cuda" if cuda else "cpu", load)
+            model = module.quantize(params, device, load)
+        elif method.family is Family.FINETUNE:
+            module.require()
+            model, training = module.train(params, calib, device, dtype, load)
         else:
             model = load()
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}",
-                   model_dir=model_dir)
-
-    training: dict = {}  # what training the adapters recorded (QLoRA)
+                   model_dir=model_dir, training=training)
 
     def info(self) -> dict:
         devices = {p.device for p in self.model.parameters()}
