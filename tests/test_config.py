@@ -25,8 +25,8 @@ def test_default_config_expands_to_the_demo_matrix():
         ("baseline", "fp16"),
         *[("gguf", t) for t in ["Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K", "Q8_0", "Q4_K_M-imatrix", "IQ4_XS-imatrix"]],
         ("gptq", "w4g128"), ("gptq", "w3g128"), ("awq", "w4g64"), ("rtn", "w4g128"), ("rtn", "w3g128"),
-        ("autoround", "w4g128-i4"), ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"), ("hqq", "w4g64"),
-        ("torchao", "int8"), ("quanto", "int4"), ("qlora", "r8"), ("gguf-file", "published-Q4_1"),
+        ("autoround", "w4g128-i4"), ("autoround-gguf", "Q4_K_M"), ("bnb", "int8"), ("bnb", "nf4"), ("eetq", "int8"),
+        ("hqq", "w4g64"), ("torchao", "int8"), ("quanto", "int4"), ("qlora", "r8"), ("gguf-file", "published-Q4_1"),
     ]
     assert {c.model for c in qc.cells(cfg)} == {"smollm2-135m"}
     imatrix = {c.variant: c.params for c in qc.cells(cfg) if c.calibrated and c.method == "gguf"}

@@ -25,7 +25,8 @@ def test_dry_run_of_the_default_config_shows_the_whole_dag(tmp_path):
     assert counts["convert_gguf"] == "1"
     assert counts["quantize_gguf"] == "7"
     assert counts["fetch_gguf_file"] == "1"  # the wheel's Q4_1 file, as published
-    assert counts["evaluate_gguf"] == counts["ollama_modelfile"] == "8"  # 7 quantized here, 1 published
+    assert counts["export_gguf"] == "1"  # AutoRound's Q4_K_M
+    assert counts["evaluate_gguf"] == counts["ollama_modelfile"] == "9"  # 7 + 1 quantized here, 1 published
     assert counts["quantize_packed"] == counts["evaluate_packed"] == "6"  # gptq 2, awq, rtn 2, autoround
     assert counts["evaluate_load_time"] == "6"  # bnb 2, eetq, hqq, torchao, quanto
     assert counts["evaluate_finetune"] == "1"  # qlora
