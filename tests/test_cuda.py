@@ -1,5 +1,5 @@
 """The CUDA paths through the real workflow on a GPU: GPTQ, AWQ, RTN and AutoRound quantized and evaluated
-on the GPU; the FP16 baseline, bitsandbytes int8 / nf4 / fp4, EETQ, HQQ, torchao (float8 included) and
+on the GPU, AutoRound's GGUF export written there; the FP16 baseline, bitsandbytes int8 / nf4 / fp4, EETQ, HQQ, torchao (float8 included) and
 quanto evaluated there; a QLoRA cell trained there. Skipped where
 torch sees no CUDA device (CI has none); on a GPU machine: pytest tests/test_cuda.py"""
 from __future__ import annotations
@@ -29,7 +29,7 @@ def cuda_run(tmp_path_factory, tiny):
         "methods": {"bnb": {"variants": BNB}, "eetq": {"variants": ["int8"]}, "hqq": {"variants": ["w4g64"]},
                     "torchao": {"variants": ["int8", {"name": "int4-g64", "weights": "int4", "group_size": 64},
                                              "float8"]},
-                    "quanto": {"variants": ["int4"]},
+                    "quanto": {"variants": ["int4"]}, "autoround-gguf": {"variants": ["Q4_K_M"]},
                     "qlora": {"variants": [{"name": "r8", "r": 8, "steps": 12, "lr": 1e-3}]},
                     **{m: {"variants": [{"name": "w4g128", "bits": 4, "group_size": 128}], "kernel": "triton"}
                        for m in CHECKPOINTS}},  # triton: auto would JIT-compile Marlin, minutes the first time
@@ -48,7 +48,11 @@ def test_every_cell_but_eetq_runs_on_the_gpu(cuda_run):
     gpu = torch.cuda.get_device_name()
     cells = cuda_run.drop(index=("eetq", "int8"))
     assert (cells["status"] == "ok").all(), cells["error"].to_dict()
+    exported = cells.loc[("autoround-gguf", "Q4_K_M")]  # AutoRound's GGUF export on the GPU; llama.cpp scores it
+    assert exported["quantize_device"] == gpu and exported["file_type"] == "Q4_K_M"
+    cells = cells.drop(index=("autoround-gguf", "Q4_K_M"))
     assert (cells["device"] == gpu).all()
+    assert (cells.loc["torchao", "compute_dtype"] == "bfloat16").all()  # what its int8 and float8 kernels need
     assert (cells["peak_vram_mb"] > 0).all()
     assert cells.loc[("baseline", "fp16"), "compute_dtype"] == "float16"  # the tiny checkpoint is fp32
     base = cells.loc[("baseline", "fp16"), "ppl"]

@@ -98,6 +98,7 @@ class Method:
     calibrated: bool = False           # needs calibration tokens
     example: str = ""                  # a shorthand name, for messages
     cuda_only: Callable[[dict], str] = lambda params: ""  # why a variant runs only on CUDA: elsewhere 'skipped'
+    cuda_dtype: str | None = None      # the compute dtype its kernels need on CUDA, where the model's own will not do
     kernels: tuple[str, ...] = ()      # the kernels `methods.<m>.kernel` may pick to evaluate it
     # What a variant's parameters need of each other: params -> (parameter, why it is refused) or None.
     consistent: Callable[[dict], tuple[str, str] | None] = lambda params: None
@@ -315,6 +316,9 @@ TORCHAO = Method(
     example="int8", shorthand=lambda name: {"weights": name} if name in TORCHAO_BITS else None,
     spell=lambda params: params["weights"],
     cuda_only=lambda params: "torchao's float8 matmuls need CUDA" if params["weights"] == "float8" else "",
+    # int8 weight-only multiplies by the int8 values before it scales (float16 sums overflow: NaN), and
+    # torchao quantizes float8 per row from bfloat16 weights only
+    cuda_dtype="bfloat16",
     params={"weights": Param(str, REQUIRED, tuple(TORCHAO_BITS)),
             "group_size": Param(int, 128, (32, 64, 128, 256))},  # int4's; int8 and float8 take one scale a row
     consistent=lambda params: ("group_size", "only int4 weights are grouped; int8 and float8 take one scale a "

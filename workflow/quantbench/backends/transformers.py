@@ -60,10 +60,12 @@ class TransformersBackend:
         if method.family is Family.PACKED:
             model, used = module.load(method.name, model_dir, kernel, trust_remote_code)
             return cls(model, backend=f"gptqmodel-{method.name}", kernel=used, model_dir=model_dir)
-        # fp16 on a GPU (bf16 where the checkpoint is bf16); fp32 on the CPU, where half matmuls are slow.
+        # fp16 on a GPU (bf16 where the checkpoint is bf16, or the method's kernels need it); fp32 on the
+        # CPU, where half matmuls are slow.
         dtype = torch.float32
         if cuda:
             dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
+            dtype = getattr(torch, method.cuda_dtype) if method.cuda_dtype else dtype
         if method.family is Family.PREQUANTIZED:
             model, used = module.load(model_dir, kernel, trust_remote_code, "cuda" if cuda else "cpu", dtype)
             return cls(model, backend=f"{'gptqmodel' if used else 'transformers'}-{method.name}", kernel=used,
