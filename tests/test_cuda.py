@@ -1,6 +1,6 @@
 """The CUDA paths through the real workflow on a GPU: GPTQ, AWQ, RTN and AutoRound quantized and evaluated
-on the GPU, AutoRound's GGUF export written there; the FP16 baseline, bitsandbytes int8 / nf4 / fp4, EETQ, HQQ, torchao (float8 included) and
-quanto evaluated there; a QLoRA cell trained there. Skipped where
+on the GPU, AutoRound's GGUF export written there; the FP16 baseline, bitsandbytes int8 / nf4 / fp4, EETQ,
+HQQ, torchao (float8 included) and quanto evaluated there; a QLoRA cell trained there. Skipped where
 torch sees no CUDA device (CI has none); on a GPU machine: pytest tests/test_cuda.py"""
 from __future__ import annotations
 
