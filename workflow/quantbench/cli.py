@@ -34,6 +34,12 @@ def _fetch_converter(a):
         llamacpp.fetch_converter(a.out)
 
 
+def _fetch_task_data(a):
+    from . import tasks
+
+    tasks.fetch(json.loads(a.tasks), a.cache, a.out)
+
+
 def _import_wikitext(a):
     from . import textdata
 
@@ -239,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--settings", default="{}", help="the config's ollama section, as JSON")
     p.set_defaults(func=_modelfile)
+
+    p = sub.add_parser("fetch-task-data", help="fetch the data of lm-eval tasks from the Hub into a datasets cache")
+    p.add_argument("--tasks", required=True, help="the config's eval.tasks without a path, as JSON")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True, help="what was fetched (task, version, dataset)")
+    p.set_defaults(func=_fetch_task_data)
 
     p = sub.add_parser("evaluate", help="score one cell on the shared token stream")
     p.add_argument("--cell", required=True, help="model/method/variant/bits/params, as JSON")

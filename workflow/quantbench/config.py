@@ -179,6 +179,13 @@ def check(config: dict) -> None:
         config["eval"] = protocols.resolve(config["eval"])  # every job sees the same filled-in numbers
     except protocols.SpecError as exc:
         raise ConfigError(f"eval.{exc.key}", str(exc)) from exc
+    if config["eval"].get("tasks"):
+        from . import tasks
+
+        config["eval"]["tasks"] = [tasks.task_record(t) for t in config["eval"]["tasks"]]  # local paths absolute
+        problem = tasks.check(config["eval"]["tasks"], paths.TASKS_FETCHED)
+        if problem:
+            raise ConfigError(*problem)
     for name, hf_config in local.items():
         problem = hf_config and architecture.too_long(hf_config, config["eval"]["context"], f"model '{name}'")
         if problem:

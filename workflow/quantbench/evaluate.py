@@ -20,7 +20,7 @@ from .protocols import Protocol
 from .scoring import distances, score
 from .sources import tokenizer, trusts_remote_code
 
-VERSIONS = ("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "bitsandbytes")
+VERSIONS = ("torch", "transformers", "llama-cpp-python", "gguf", "gptqmodel", "bitsandbytes", "lm_eval")
 
 
 def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str, eval_spec: dict, threads: int, *,
@@ -65,6 +65,8 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
         record |= {"peak_rss_mb": io.peak_rss_mb(), "peak_vram_mb": backend.peak_vram_mb(), **backend.info()}
         if generation:
             record |= _run_as_users_do(backend, generation, base_dir or artifact)
+        if eval_spec.get("tasks"):
+            record |= _run_tasks(backend, method, artifact, eval_spec, base_dir or artifact, threads)
         if method.counted is Bits.IN_MEMORY:
             record["bits_per_weight"] = artifacts.in_memory(record["weight_memory_mb"], record["n_params"])
     except Skipped as exc:
@@ -107,6 +109,29 @@ def _run_as_users_do(backend, generation: dict, model_dir: str) -> dict:
             raise
         traceback.print_exc()
         return {"generation_error": f"{type(exc).__name__}: {exc}"}
+
+
+def _run_tasks(backend, method, artifact: str, eval_spec: dict, model_dir: str, threads: int) -> dict:
+    """lm-eval's tasks on the model as it was scored (a GGUF cell's file in a llama.cpp context of the
+    tasks' length): a failure here is the row's note, never the loss of its perplexity."""
+    from . import paths, tasks
+    from .methods import LLAMA_CPP
+
+    lm = None
+    try:
+        if method.backend == LLAMA_CPP:
+            lm = tasks.llamacpp_model(artifact, model_dir, threads)
+        else:
+            lm = tasks.hf_model(backend.model, model_dir, eval_spec["batch_size"])
+        return {"tasks": tasks.evaluate(lm, eval_spec["tasks"], cache=str(Path(paths.TASK_DATA).resolve()))}
+    except Exception as exc:  # noqa: BLE001
+        if failures.is_transient(exc):
+            raise
+        traceback.print_exc()
+        return {"tasks_error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if lm is not None and isinstance(lm.model, tasks.LlamaCppModel):
+            lm.model.close()
 
 
 def _check_vocabulary(backend, base_dir: str, tokens: np.ndarray, model: str) -> None:

@@ -21,6 +21,8 @@ def text_cache(dataset: str, resources: str = RESOURCES) -> str:
 
 
 TEXT_CACHE = text_cache("{dataset}")
+TASK_DATA = f"{RESOURCES}/cache/task-data"        # the Hub's lm-eval task data, as `datasets` caches it
+TASKS_FETCHED = f"{TASK_DATA}/fetched.json"         # which tasks were fetched into it
 TOOLS = f"{RESOURCES}/tools"
 CONVERTER = f"{TOOLS}/llama.cpp-{LLAMA_CPP_PYTHON_PIN}/convert_hf_to_gguf.py"  # llama.cpp's, from the pinned sdist
 # llama.cpp's own programs (llamacpp.TOOLS), built once from the same sdist's source by setup or the workflow

@@ -31,6 +31,7 @@ class Plan:
         self.generation_settings = _json({k: config["report"][k] for k in ("prompts", "max_new_tokens",
                                                                           "speed_repetitions")})
         self.ollama_settings = _json(config["ollama"])
+        self.hub_tasks = _json([t for t in config["eval"].get("tasks", []) if not t["path"]])
 
     @property
     def model_pattern(self) -> str:
@@ -153,6 +154,10 @@ class Plan:
             inputs |= {"calib": paths.CALIB_TOKENS.format(model=wildcards.model),
                        "calib_meta": paths.CALIB_TOKENS_META.format(model=wildcards.model)}
         return inputs
+
+    def task_inputs(self, wildcards) -> dict:
+        """An evaluation's lm-eval task data from the Hub, fetched before (local tasks need none)."""
+        return {"task_data": paths.TASKS_FETCHED} if json.loads(self.hub_tasks) else {}
 
     @staticmethod
     def tokenizer_args(wildcards, input) -> str:

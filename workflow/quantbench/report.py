@@ -43,7 +43,9 @@ DISPLAY = {
     "trainable_params": ("trainable parameters", "{:,.0f}"), "train_steps": ("steps", "{:.0f}"),
     "train_s_per_step": ("s / step", "{:.2f}"), "train_peak_MB": ("training peak MB", "{:.0f}"),
     "train_loss_first": ("loss before", "{:.3f}"), "train_loss_last": ("loss after", "{:.3f}"),
-    "file_type": ("GGUF type", None),
+    "file_type": ("GGUF type", None), "task_version": ("version", None), "shots": ("shots", "{:.0f}"),
+    "documents": ("documents", "{:.0f}"), "score": ("score", "{:.1%}"), "score_stderr": ("± stderr", "{:.1%}"),
+    "delta_points": ("Δ points", "{:+.1f}"),
 }
 
 
@@ -94,7 +96,7 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
         f"{budget_pct:g}% of its FP16 baseline (`report.quality_budget_pct`), and how it compares with the usual "
         "advice. Cells of different models are never ranked against each other: each scored its own token stream."],
         pd.DataFrame(guide.selection_guide(df, budget_pct))))
-    return out + _fine_tuning(df) + _run_it(df) + _samples(df)
+    return out + _task_accuracy(df) + _fine_tuning(df) + _run_it(df) + _samples(df)
 
 
 def _samples(df: pd.DataFrame) -> list[Section]:
@@ -141,6 +143,32 @@ def _gguf_quantizers(df: pd.DataFrame) -> list[Section]:
     return [Section("One GGUF type, several quantizers", [
         "Cells whose GGUF files are of the same llama.cpp type but were written by different quantizers, "
         "closest to FP16 (least KL) first."], table, level=3)]
+
+
+def _task_accuracy(df: pd.DataFrame) -> list[Section]:
+    """lm-eval's scores of each cell on each task (accuracy, normalized accuracy, exact match: those it
+    gives a standard error), and their difference from the model's FP16 baseline in points."""
+    notes = [f"**{r.model} {r.method} {r.variant}**: no task scores: {r.tasks_error}" for r in df.itertuples()
+             if isinstance(getattr(r, "tasks_error", None), str)]
+    rows = []
+    for cell in df[df["tasks"].notna()].itertuples() if "tasks" in df.columns else []:
+        for task, result in json.loads(cell.tasks).items():
+            for metric in [m for m in result["metrics"] if f"{m}_stderr" in result["metrics"]]:  # lm-eval's scores
+                rows.append({"model": cell.model, "method": cell.method, "variant": cell.variant, "task": task,
+                             "task_version": result["version"], "shots": result["num_fewshot"],
+                             "documents": (result["n_samples"] or {}).get("effective"), "metric": metric,
+                             "score": result["metrics"][metric], "score_stderr": result["metrics"][f"{metric}_stderr"]})
+    if not rows and not notes:
+        return []
+    table = pd.DataFrame(rows)
+    if rows:
+        base = table[table["method"] == BASELINE.name].set_index(["model", "task", "metric"])["score"]
+        keys = pd.MultiIndex.from_frame(table[["model", "task", "metric"]])
+        table["delta_points"] = 100 * (table["score"].to_numpy() - base.reindex(keys).to_numpy())
+    return [Section("Task accuracy (lm-evaluation-harness)", [
+        "Each cell's model, as it was scored for perplexity, evaluated by lm-evaluation-harness on `eval.tasks`: "
+        "transformers cells through lm-eval's Hugging Face wrapper, GGUF cells through the same wrapper with "
+        "llama.cpp's logits. Δ: points from the model's FP16 baseline on the same documents.", *notes], table)]
 
 
 def _fine_tuning(df: pd.DataFrame) -> list[Section]:

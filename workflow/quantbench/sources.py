@@ -192,3 +192,17 @@ def tokenizer(hf_dir: str | Path):
 
 
 FETCHERS = {"hf": _from_hub, "path": _from_path, "gguf": _from_gguf}
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub's datasets cannot be downloaded now, or None where they can."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"huggingface.co is unreachable: {exc}"
+    return None

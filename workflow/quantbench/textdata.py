@@ -46,16 +46,9 @@ def preflight(spec: dict, resources: str, timeout: float = 5.0) -> None:
         return
     if described["kind"] == "text_file":
         raise TextUnavailable(f"eval.text.text_file: {described['path']} does not exist")
-    import os
-    import socket
+    from .sources import hub_unreachable
 
-    reason = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" if (
-        os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1") else None
-    if reason is None:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        except OSError as exc:
-            reason = f"huggingface.co is unreachable: {exc}"
+    reason = hub_unreachable(timeout)
     if reason:
         raise TextUnavailable(_missing_message(Path(described["path"]), reason))
 

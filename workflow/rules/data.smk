@@ -67,3 +67,26 @@ rule calibration_tokens:
     shell:
         "python -m quantbench calibrate --spec {params.spec:q} --hf {input.hf} --eval-ids {input.eval_ids} "
         "--ids {output.ids} --meta {output.meta} > {log} 2>&1"
+
+
+rule fetch_task_data:
+    """The data of the config's Hub tasks (lm-evaluation-harness), fetched once through `datasets` into
+    resources/; evaluations read it offline. Tasks with a path need nothing fetched."""
+    output:
+        paths.TASKS_FETCHED,
+    log:
+        paths.log("fetch_task_data"),
+    benchmark:
+        paths.benchmark("fetch_task_data")
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=scaled_by_attempt(4000),
+        runtime=120,
+    params:
+        tasks=PLAN.hub_tasks,
+        cache=lambda wildcards, output: Path(output[0]).parent,  # paths.TASK_DATA
+    shell:
+        "python -m quantbench fetch-task-data --tasks {params.tasks:q} --cache {params.cache} --out {output} > {log} 2>&1"

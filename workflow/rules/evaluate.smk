@@ -7,6 +7,7 @@ rule evaluate_baseline:
     """The unquantized model in transformers (FP16/BF16 on CUDA, FP32 on a CPU); writes the
     distributions every other cell of the model is compared with."""
     input:
+        unpack(PLAN.task_inputs),
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
@@ -40,6 +41,7 @@ rule evaluate_gguf:
     """A GGUF cell in llama.cpp (quantized here or published), fed the same token ids and windows as the
     baseline; then its speeds as llama-bench measures them and its completions of the config's prompts."""
     input:
+        unpack(PLAN.task_inputs),
         gguf=paths.GGUF_FILE,
         info=paths.QUANTIZE_INFO,
         hf=rules.download_model.output[0],
@@ -76,6 +78,7 @@ rule evaluate_packed:
     """A packed checkpoint (quantized here or published), loaded back through GPTQModel by the method's
     kernel, or by transformers for a published bitsandbytes one."""
     input:
+        unpack(PLAN.task_inputs),
         model=paths.PACKED_DIR,
         info=paths.QUANTIZE_INFO,
         hf=rules.download_model.output[0],
@@ -113,6 +116,7 @@ rule evaluate_load_time:
     """bitsandbytes, EETQ, HQQ, torchao and quanto quantize while loading: no artifact, the evaluation job
     quantizes (each in its method's env)."""
     input:
+        unpack(PLAN.task_inputs),
         hf=rules.download_model.output[0],
         ids=rules.tokenize_eval_text.output.ids,
         meta=rules.tokenize_eval_text.output.meta,
@@ -147,6 +151,7 @@ rule evaluate_finetune:
     """QLoRA: the model quantized while loading, its LoRA adapters trained on the calibration tokens, then
     scored with them."""
     input:
+        unpack(PLAN.task_inputs),
         hf=rules.download_model.output[0],
         calib=paths.CALIB_TOKENS,
         ids=rules.tokenize_eval_text.output.ids,

@@ -52,21 +52,46 @@ class LlamaCppBackend:
     def logits(self, ids: np.ndarray, n_scored: int) -> HostLogits:
         """Logits predicting the last n_scored tokens of each window (rows of ids, one sequence each),
         [B, n_scored, vocab] float32: a view of llama.cpp's output buffer, valid until the next call."""
+        # logits at position p predict token p + 1; the last one predicts nothing
+        return HostLogits(self._decode(ids, ids.shape[1] - n_scored - 1))
+
+    def all_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits at every position of each row of ids, [B, L, vocab] float32 (a copy)."""
+        return self._decode(ids, 0).copy()
+
+    def greedy(self, ids: list[int], n_new: int):
+        """Up to n_new tokens, each the most likely after ids and those before it (the caller stops it)."""
+        L = self.L
+        logits = self._decode(np.array([ids]), len(ids) - 1)[0, -1]
+        for pos in range(len(ids), len(ids) + n_new):
+            token = int(np.argmax(logits))
+            yield token
+            self._fill(np.array([token]), np.array([pos]), 0, np.array([True]))
+            if L.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("llama_decode failed while generating")
+            logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(1, self.n_vocab))[0]
+
+    def _fill(self, tokens: np.ndarray, positions: np.ndarray, size: int, wanted: np.ndarray) -> None:
+        """The batch: tokens at positions, sequence k // size (0 where size is 0), logits where wanted."""
+        count = tokens.size
+        np.ctypeslib.as_array(self.batch.token, shape=(count,))[:] = tokens
+        np.ctypeslib.as_array(self.batch.pos, shape=(count,))[:] = positions
+        np.ctypeslib.as_array(self.batch.n_seq_id, shape=(count,))[:] = 1
+        np.ctypeslib.as_array(self.batch.logits, shape=(count,))[:] = wanted
+        for k in range(count):
+            self.batch.seq_id[k][0] = k // size if size else 0
+        self.batch.n_tokens = count
+
+    def _decode(self, ids: np.ndarray, first: int) -> np.ndarray:
+        """Logits from position `first` to the end of each row of ids, [B, n - first, vocab]; the cache
+        then holds the rows (sequence k the k-th)."""
         L, (n_seq, n) = self.L, ids.shape
-        first = n - n_scored - 1  # logits at position p predict token p + 1; the last one predicts nothing
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
         out = []
         for start in range(0, n, self.n_batch):  # several batches only when one window exceeds n_batch
             size = min(n - start, self.n_batch)
-            count = size * n_seq
             positions = np.tile(np.arange(start, start + size), n_seq)
-            np.ctypeslib.as_array(self.batch.token, shape=(count,))[:] = ids[:, start:start + size].reshape(-1)
-            np.ctypeslib.as_array(self.batch.pos, shape=(count,))[:] = positions
-            np.ctypeslib.as_array(self.batch.n_seq_id, shape=(count,))[:] = 1
-            np.ctypeslib.as_array(self.batch.logits, shape=(count,))[:] = positions >= first
-            for k in range(count):
-                self.batch.seq_id[k][0] = k // size
-            self.batch.n_tokens = count
+            self._fill(ids[:, start:start + size].reshape(-1), positions, size, positions >= first)
             rc = L.llama_decode(self.ctx, self.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
@@ -75,7 +100,7 @@ class LlamaCppBackend:
                 logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
                 out.append(logits if start + size == n else logits.copy())  # the next decode overwrites it
         logits = out[0] if len(out) == 1 else np.concatenate(out)
-        return HostLogits(logits.reshape(n_seq, n_scored + 1, self.n_vocab))
+        return logits.reshape(n_seq, n - first, self.n_vocab)
 
     def speed(self, repetitions: int = REPETITIONS) -> dict:
         """pp512 and tg128 as llama-bench measures them: each test in its own context of its length, random
