@@ -213,3 +213,20 @@ def test_a_run_where_no_cell_was_evaluated_still_has_its_report(tmp_path):
     df = pd.read_csv(tmp_path / "summary.csv")
     assert len(df) == 2 and (df["status"] == "failed").all()
     assert "download: RuntimeError" in (tmp_path / "summary.md").read_text()
+
+
+def test_task_scores_with_named_filters_reach_the_report():
+    """lm-eval names a filtered metric 'exact_match,strict-match', its error 'exact_match_stderr,strict-match'."""
+    from quantbench import report, summary
+
+    def cell(method, score):
+        return {"model": "m", "method": method, "variant": "v", "status": "ok", "ppl": 10.0, "tasks": {"gsm8k": {
+            "metrics": {"exact_match,strict-match": score, "exact_match_stderr,strict-match": 0.01, "sample_len": 9},
+            "version": 3, "num_fewshot": 5, "n_samples": {"original": 9, "effective": 9}, "documents": [{"doc_id": 0}]}}}
+
+    df = summary.summarize(summary.load([cell("baseline", 0.40), cell("gptq", 0.35)]))
+    assert "documents" not in df.loc[0, "tasks"]  # every document's answers stay in metrics.json, not the CSV
+    (section,) = report._task_accuracy(df)
+    table = section.table.set_index("method")
+    assert list(table["metric"]) == ["exact_match,strict-match"] * 2
+    assert table.loc["gptq", "score_stderr"] == 0.01 and table.loc["gptq", "delta_points"] == pytest.approx(-5.0)

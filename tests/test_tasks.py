@@ -19,7 +19,7 @@ from quantbench import paths
 
 pytestmark = pytest.mark.integration
 
-TASK, GEN_TASK = "tiny_mc", "tiny_gen"  # multiple choice (log-likelihoods); greedy generation
+TASK, GEN_TASK, GROUP = "tiny_mc", "tiny_gen", "tiny_all"  # multiple choice; greedy generation; both
 N_DOCS = 40
 YAML = f"""task: {TASK}
 dataset_path: json
@@ -73,6 +73,7 @@ def task_dir(tmp_path_factory) -> Path:
     (out / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (out / f"{TASK}.yaml").write_text(YAML)
     (out / f"{GEN_TASK}.yaml").write_text(GEN_YAML)
+    (out / "group.yaml").write_text(f"group: {GROUP}\ntask: [{TASK}, {GEN_TASK}]\n")
     return out
 
 
@@ -175,30 +176,23 @@ def test_the_report_shows_accuracy_beside_the_baseline(tasks_run):
         assert any(f"| {cell[0]} " in r and f"| {delta:+.1f} " in r and "| acc " in r for r in rows), (cell, delta)
 
 
-def test_fetching_a_task_builds_it_once_and_caches_its_data(task_dir, tmp_path):
-    """What the fetch job does for the Hub's tasks, on the local one: its data lands in the given cache."""
+def test_fetching_a_group_caches_its_tasks_data_and_counts_it_as_fetched(task_dir, tmp_path, monkeypatch):
+    """What the fetch job does for the Hub's tasks, on the local group: its tasks' data lands in the given
+    cache, and the group is then accepted offline."""
     from conftest import REPO
 
-    cache, out = tmp_path / "task-data", tmp_path / "fetched.json"
-    spec = json.dumps([{"name": TASK, "path": str(task_dir)}])
+    from quantbench import tasks
+
+    cache = tmp_path / "task-data"
+    out = cache / "fetched.json"
+    spec = json.dumps([{"name": GROUP, "path": str(task_dir)}])
     proc = subprocess.run([sys.executable, "-m", "quantbench", "fetch-task-data", "--tasks", spec, "--cache", str(cache),
                            "--out", str(out)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text()) == {TASK: {"version": 1.0, "dataset_path": "json", "dataset_name": None}}
+    leaf = {"version": 1.0, "dataset_path": "json", "dataset_name": None}
+    assert json.loads(out.read_text()) == {TASK: leaf, GEN_TASK: leaf, GROUP: {"tasks": sorted([TASK, GEN_TASK])}}
     assert list(cache.rglob("*.arrow"))  # datasets' prepared copy, which evaluations read offline
-
-
-def test_greedy_generation_tasks_match_the_cli_on_transformers_and_through_llama_cpp(tasks_run, tiny, task_dir,
-                                                                                      tmp_path):
-    base = _tasks(tasks_run, "baseline", "fp16", GEN_TASK)
-    theirs = _cli(task_dir, tmp_path / "fp16", f"pretrained={tiny['hf']},dtype=float32", GEN_TASK)
-    assert {d["doc_id"]: d["resps"][0] for d in base["documents"]} == theirs["texts"]
-    assert base["metrics"]["exact_match"] == theirs["exact_match,none"]
-    gguf = tasks_run / paths.cell(paths.GGUF_FILE, "tiny", "gguf", "Q8_0")
-    ours = {d["doc_id"]: d["resps"][0] for d in _tasks(tasks_run, "gguf", "Q8_0", GEN_TASK)["documents"]}
-    theirs = _cli(task_dir, tmp_path / "q8", f"pretrained={tiny['hf']},gguf_file={gguf},tokenizer={tiny['hf']},"
-                  "dtype=float32", GEN_TASK)["texts"]
-    same = sum(ours[k] == theirs[k] for k in theirs)
-    print(f"GGUF Q8_0 greedy generations: {same} of {len(theirs)} the same as the CLI's through transformers")
-    assert ours.keys() == theirs.keys() and same >= 0.9 * len(theirs) and any(ours.values())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert tasks.check([GROUP], str(out)) is None
+    assert tasks.check(["arc_easy"], str(out))[0] == "eval.tasks[0]"  # not fetched, and offline

@@ -252,7 +252,8 @@ def _check_gguf_file(key: str, spec: dict) -> None:
 
 def _check_convertible(method: str, gguf_models: list[str], local: dict) -> None:
     """Once an earlier run (or setup) fetched llama.cpp's converter, its registry says which local models
-    it can convert (AutoRound's export carries a copy of the same converter)."""
+    it can convert: what the pinned llama.cpp can load and evaluate, whoever writes the GGUF (AutoRound's
+    export has its own copy of the conversion code)."""
     converter = Path(paths.CONVERTER)
     if not converter.is_file():
         return

@@ -188,8 +188,9 @@ def _gguf_name(name: str) -> dict | None:
 
 
 def needs_imatrix(gguf_type: str) -> bool:
-    """The i-quants: llama.cpp quantizes them only with an importance matrix (IQ4_NL, IQ4_XS: advised)."""
-    return gguf_type.startswith("IQ")
+    """The i-quants and Q2_K_S: llama.cpp quantizes them only with an importance matrix (IQ4_NL, IQ4_XS:
+    advised)."""
+    return gguf_type.startswith("IQ") or gguf_type == "Q2_K_S"
 
 
 def _gguf_spelling(params: dict) -> str:

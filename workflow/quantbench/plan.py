@@ -181,6 +181,8 @@ class Plan:
         if self.config["eval"]["tokens"] == "gguf":
             out += convert
         out.append(("tokenize", paths.EVAL_TOKENS.format(model=model), paths.log("tokenize", per_model)))
+        if json.loads(self.hub_tasks):
+            out.append(("fetch_task_data", paths.TASKS_FETCHED, paths.log("fetch_task_data")))
         if cell.calibrated:
             out.append(("calibration", paths.CALIB_TOKENS.format(model=model), paths.log("calibration", per_model)))
         if method.family is Family.GGUF:

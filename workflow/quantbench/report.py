@@ -134,7 +134,7 @@ def _gguf_quantizers(df: pd.DataFrame) -> list[Section]:
         return "llama.cpp + importance matrix" if imatrix else "llama.cpp"
 
     cells = cells.assign(quantizer=[quantizer(c, m) for c, m in zip(cells.itertuples(), _imatrix_cells(cells))])
-    shared = cells.groupby(["model", "file_type"])["method"].transform("nunique") > 1
+    shared = cells.groupby(["model", "file_type"])["quantizer"].transform("nunique") > 1
     table = cells[shared].sort_values(["model", "file_type", "kl_mean"])[
         ["model", "file_type", "quantizer", "variant", "bits_per_weight", "ppl", "delta_ppl_pct", "kl_mean",
          "top1_agree", "quantize_s"]]
@@ -153,11 +153,11 @@ def _task_accuracy(df: pd.DataFrame) -> list[Section]:
     rows = []
     for cell in df[df["tasks"].notna()].itertuples() if "tasks" in df.columns else []:
         for task, result in json.loads(cell.tasks).items():
-            for metric in [m for m in result["metrics"] if f"{m}_stderr" in result["metrics"]]:  # lm-eval's scores
+            for metric in [m for m in result["metrics"] if _stderr_key(m) in result["metrics"]]:  # lm-eval's scores
                 rows.append({"model": cell.model, "method": cell.method, "variant": cell.variant, "task": task,
                              "task_version": result["version"], "shots": result["num_fewshot"],
                              "documents": (result["n_samples"] or {}).get("effective"), "metric": metric,
-                             "score": result["metrics"][metric], "score_stderr": result["metrics"][f"{metric}_stderr"]})
+                             "score": result["metrics"][metric], "score_stderr": result["metrics"][_stderr_key(metric)]})
     if not rows and not notes:
         return []
     table = pd.DataFrame(rows)
@@ -169,6 +169,12 @@ def _task_accuracy(df: pd.DataFrame) -> list[Section]:
         "Each cell's model, as it was scored for perplexity, evaluated by lm-evaluation-harness on `eval.tasks`: "
         "transformers cells through lm-eval's Hugging Face wrapper, GGUF cells through the same wrapper with "
         "llama.cpp's logits. Δ: points from the model's FP16 baseline on the same documents.", *notes], table)]
+
+
+def _stderr_key(metric: str) -> str:
+    """lm-eval's key of a metric's standard error: exact_match,strict-match -> exact_match_stderr,strict-match."""
+    name, comma, filtered = metric.partition(",")
+    return f"{name}_stderr{comma}{filtered}"
 
 
 def _fine_tuning(df: pd.DataFrame) -> list[Section]:

@@ -26,8 +26,11 @@ def load(records: list[dict]) -> pd.DataFrame:
         tokenizer = protocol.get("tokenizer") or {}
         record["protocol_tokenizer"] = f"{tokenizer.get('kind', 'hf')}:{tokenizer.get('class')}"
         record |= {f"version_{k}": v for k, v in versions.items()}
-        record |= {f"task_{task}_{metric}": value for task, result in (record.get("tasks") or {}).items()
-                   for metric, value in result["metrics"].items()}  # lm-eval's metrics, a column each in the CSV
+        if record.get("tasks"):  # lm-eval's metrics, a column each; every document's answers stay in metrics.json
+            record |= {f"task_{task}_{metric}": value for task, result in record["tasks"].items()
+                       for metric, value in result["metrics"].items()}
+            record["tasks"] = {task: {k: v for k, v in result.items() if k != "documents"}
+                               for task, result in record["tasks"].items()}
         record = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in record.items()}
         rows.append(record)
     return pd.json_normalize(rows, max_level=0)

@@ -85,6 +85,27 @@ def _version() -> str:
     return version("lm_eval")
 
 
+@contextlib.contextmanager
+def _inside(path: str | None):
+    """In a local task's directory, so that its YAML may name its data files relative to it."""
+    before = os.getcwd()
+    os.chdir(path or before)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _offline() -> None:
+    """Evaluations read what `fetch` cached: never the network (set where transformers already imported
+    huggingface_hub, which read the variable then)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def _use_cache(cache: str | None) -> None:
     """`datasets` keeps the Hub's task data in `cache` (resources/): `fetch` fills it, evaluations read it.
     datasets reads the variable once, when imported, so its module setting is set too."""
@@ -98,16 +119,15 @@ def _use_cache(cache: str | None) -> None:
 def evaluate(lm, tasks: list, cache: str | None = None, offline: bool = True) -> dict:
     """Each task's metrics (lm-eval's names: acc, acc_norm, with their stderr), version, few-shot count
     and how many documents it scored."""
-    if offline:  # set before datasets is imported, which reads them then
-        os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    if offline:
+        _offline()
     _use_cache(cache)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     out = {}
     for task in map(task_record, tasks):
-        # in a local task's directory, so that its YAML's data files may be named relative to it
-        with contextlib.chdir(task["path"] or os.getcwd()):
+        with _inside(task["path"]):
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=[task["name"]], num_fewshot=task["num_fewshot"], limit=task["limit"],
                 task_manager=TaskManager(include_path=task["path"]), log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
@@ -133,36 +153,39 @@ def _document(sample: dict) -> dict:
             **{m: sample[m] for m in sample.get("metrics", []) if isinstance(sample.get(m), (int, float))}}
 
 
+# Requests are scored in lm-eval's default context for the model (its CLI's), at most this many tokens on
+# every backend: llama.cpp allocates its KV cache up front, and every cell must truncate alike.
+MAX_CONTEXT = 8192
+
+
 def hf_model(model, model_dir: str, batch_size):
-    """lm-eval's HFLM around a loaded transformers model (the cell as it was scored), its context lm-eval's
-    default for the model (as its CLI would take it)."""
+    """lm-eval's HFLM around a loaded transformers model (the cell as it was scored)."""
     from lm_eval.models.huggingface import HFLM
 
     from .sources import tokenizer
 
-    return HFLM(pretrained=model, tokenizer=tokenizer(model_dir), batch_size=batch_size if isinstance(batch_size, int) else 1)
-
-
-LLAMA_CPP_MAX_CONTEXT = 8192  # llama.cpp allocates its KV cache up front: long-context models are capped here
+    lm = HFLM(pretrained=model, tokenizer=tokenizer(model_dir), batch_size=batch_size if isinstance(batch_size, int) else 1)
+    lm._max_length = min(lm.max_length, MAX_CONTEXT)  # what its max_length argument sets
+    return lm
 
 
 def llamacpp_model(gguf: str, model_dir: str, threads: int):
     """lm-eval's HFLM with llama.cpp's logits in place of the model's forward, one request at a time, in a
-    llama.cpp context of lm-eval's default length for the model (at most LLAMA_CPP_MAX_CONTEXT)."""
+    llama.cpp context of its own (the file opened again) of lm-eval's default length (at most MAX_CONTEXT)."""
     from lm_eval.models.huggingface import HFLM
 
     from .sources import tokenizer
 
     model = LlamaCppModel(model_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer(model_dir), batch_size=1)
-    lm._max_length = model.open(gguf, min(lm.max_length, LLAMA_CPP_MAX_CONTEXT), threads)  # what the constructor sets
+    lm._max_length = model.open(gguf, min(lm.max_length, MAX_CONTEXT), threads)  # what its max_length argument sets
     return lm
 
 
 class LlamaCppModel:
-    """What HFLM asks of a causal LM, answered by llama.cpp: logits of every position of a batch of token
-    ids (HFLM pads a batch on the right; causal attention keeps pads from the positions before them), and
-    greedy generation with HFLM's stopping criteria."""
+    """What HFLM asks of a causal LM, answered by llama.cpp for one request at a time (HFLM's batch of
+    one, so never padded): the logits at every position of its token ids, and greedy generation with
+    HFLM's stopping criteria."""
 
     def __init__(self, model_dir: str):
         import torch
@@ -170,7 +193,10 @@ class LlamaCppModel:
 
         self.backend = None
         self.config = AutoConfig.from_pretrained(model_dir)
-        self.generation_config = GenerationConfig.from_model_config(self.config)
+        try:  # the end-of-sequence ids transformers' generate stops at
+            self.generation_config = GenerationConfig.from_pretrained(model_dir)
+        except OSError:
+            self.generation_config = GenerationConfig.from_model_config(self.config)
         self.device = torch.device("cpu")  # where HFLM puts the ids; llama.cpp reads them from there
         self.name_or_path = model_dir
 
@@ -187,6 +213,7 @@ class LlamaCppModel:
     def __call__(self, ids):
         import torch
 
+        assert ids.shape[0] == 1, "one request at a time"
         return _Output(torch.from_numpy(self.backend.all_logits(ids.numpy())))
 
     def generate(self, input_ids, max_length: int, stopping_criteria=None, pad_token_id=None, **kwargs):
@@ -230,17 +257,20 @@ def fetch(tasks: list, cache: str, out: str) -> None:
 
     fetched = {}
     for task in map(task_record, tasks):
-        with contextlib.chdir(task["path"] or os.getcwd()):
+        with _inside(task["path"]):
             built_tasks = get_task_dict([task["name"]], TaskManager(include_path=task["path"]))
-        for name, built in _leaves(built_tasks):
-            fetched[name] = {"version": built.VERSION, "dataset_path": built.config.dataset_path,
-                             "dataset_name": built.config.dataset_name}
+        leaves = dict(_leaves(built_tasks))
+        fetched |= {name: {"version": built.VERSION, "dataset_path": built.config.dataset_path,
+                           "dataset_name": built.config.dataset_name} for name, built in leaves.items()}
+        if task["name"] not in leaves:  # a group or a tag: the name the config gives, what it stands for
+            fetched[task["name"]] = {"tasks": sorted(leaves)}
     io.write_json(out, fetched)
 
 
-def _leaves(task_dict: dict):
-    for key, value in task_dict.items():
-        if isinstance(value, dict):
+def _leaves(task_dict):
+    """(name, task) of each task a group or tag stands for (lm-eval nests groups in dicts)."""
+    for key, value in (task_dict.items() if isinstance(task_dict, dict) else enumerate(task_dict)):
+        if isinstance(value, (dict, list)):
             yield from _leaves(value)
         else:
-            yield getattr(key, "group_name", key), value
+            yield key if isinstance(key, str) else value.config.task, value

@@ -56,7 +56,8 @@ class LlamaCppBackend:
         return HostLogits(self._decode(ids, ids.shape[1] - n_scored - 1))
 
     def all_logits(self, ids: np.ndarray) -> np.ndarray:
-        """Logits at every position of each row of ids, [B, L, vocab] float32 (a copy)."""
+        """Logits at every position of one row of ids [1, L], [1, L, vocab] float32 (a copy)."""
+        assert ids.shape[0] == 1, "one sequence at a time"
         return self._decode(ids, 0).copy()
 
     def greedy(self, ids: list[int], n_new: int):
@@ -66,6 +67,8 @@ class LlamaCppBackend:
         for pos in range(len(ids), len(ids) + n_new):
             token = int(np.argmax(logits))
             yield token
+            if pos + 1 == len(ids) + n_new:
+                return
             self._fill(np.array([token]), np.array([pos]), 0, np.array([True]))
             if L.llama_decode(self.ctx, self.batch) != 0:
                 raise RuntimeError("llama_decode failed while generating")
