@@ -123,47 +123,71 @@ def bench_shape(shape: str, n_tokens: int, peak: float, workdir: Path) -> list[d
     ids = rng.integers(0, model.config.vocab_size, n_tokens).astype(np.int32)
     context, rows = 2048, []
 
-    plain_loop(model, ids[: 4 * context], context, PLAIN_BATCH[shape])  # warm-up
+    plain_loop(model, ids, context, PLAIN_BATCH[shape])  # warm-up: one whole pass, as for quantbench's cells
     (ppl, fed, scored), s = sync_time(lambda: plain_loop(model, ids, context, PLAIN_BATCH[shape]))
     rows.append(row(f"plain batched loop, batch {PLAIN_BATCH[shape]}", model, fed, scored, s, context, peak, ppl=ppl))
 
-    backend = TransformersBackend(model)
     # The job finds the head in the model's safetensors; this directory holds just that tensor of it.
     save_file({"lm_head.weight": model.lm_head.weight.detach().contiguous()}, str(workdir / "model.safetensors"))
     protocol = Protocol("gptq", context, context)
     wins = protocol.windows(ids.size)
-    score(backend, ids, wins[:2], protocol, "auto")  # warm-up
-    torch.cuda.reset_peak_memory_stats()
-    recorder = Recorder(backend, sum(w.n_scored for w in wins))
-
-    result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", on_batch=recorder))
-    distributions, assemble_s = sync_time(lambda: recorder.finish(str(workdir)))  # the head by reference, as the job
-    dist_file = workdir / f"{shape}.npz"
-    distributions.save(dist_file)
-    fed, scored = result["eval_tokens_fed"], result["n_tokens"]
-    rows.append(row("quantbench gptq, baseline cell (records the distributions)", model, fed, scored, s, context, peak,
-                    ppl=result["ppl"], batch=result["batch_size"], peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30,
-                    distributions_gb=dist_file.stat().st_size / 1e9, assemble_s=assemble_s,
-                    pct_peak_with_assembling=100 * model_flops(model, fed, scored, context) / (s + assemble_s) / 1e12 / peak))
-    baseline = Distributions.load(dist_file, str(workdir))
-    torch.cuda.reset_peak_memory_stats()
-    result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", baseline=baseline))
-    rows.append(row("quantbench gptq, cell with KL", model, fed, scored, s, context, peak, ppl=result["ppl"],
-                    kl_mean=result["kl_mean"], batch=result["batch_size"],
-                    peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30))
-    dist_file.unlink()
-
+    for compile in (False, True):
+        rows += engine_rows(model, ids, wins, protocol, peak, workdir, compile)
     if shape == "smollm2-135m":
         seed_ids = ids[:100_000]
         seed_loop(model, seed_ids[:4096])  # warm-up
         (ppl, fed, scored), s = sync_time(lambda: seed_loop(model, seed_ids))
         rows.append(row("the seed loop, sliding 2048/512, batch 1", model, fed, scored, s, context, peak, ppl=ppl))
+        seed_s = s
         protocol = Protocol("sliding-seed", 2048, 512)
         wins = protocol.windows(seed_ids.size)
-        result, s = sync_time(lambda: score(backend, seed_ids, wins, protocol, "auto"))
-        rows.append(row("quantbench sliding-seed", model, result["eval_tokens_fed"], result["n_tokens"], s, context, peak,
-                        ppl=result["ppl"], batch=result["batch_size"], ppl_rel_diff=abs(result["ppl"] / ppl - 1),
-                        speedup=rows[-1]["seconds"] / s))
+        for compile in (False, True):
+            backend = TransformersBackend(model, compile=compile)
+            score(backend, seed_ids, wins, protocol, "auto", compile=compile)  # warm-up: one whole pass
+            result, s = sync_time(lambda b=backend, c=compile: score(b, seed_ids, wins, protocol, "auto", compile=c))
+            rows.append(row(f"quantbench sliding-seed, {'eval.compile' if compile else 'eager'}", model,
+                            result["eval_tokens_fed"], result["n_tokens"], s, context, peak, ppl=result["ppl"],
+                            batch=result["batch_size"], ppl_rel_diff=abs(result["ppl"] / ppl - 1), speedup=seed_s / s))
+    return rows
+
+
+def baseline_cell(backend, ids, wins, protocol, workdir: Path, compile: bool):
+    """The baseline cell as the job runs it: scored, the distributions recorded and saved (the head by
+    reference to the checkpoint's tensor), then loaded as a cell with KL loads them."""
+    recorder = Recorder(backend, sum(w.n_scored for w in wins))
+    result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", on_batch=recorder, compile=compile))
+    distributions, assemble_s = sync_time(lambda: recorder.finish(str(workdir)))
+    dist_file = workdir / "distributions.npz"
+    distributions.save(dist_file)
+    size = dist_file.stat().st_size
+    baseline = Distributions.load(dist_file, str(workdir))
+    dist_file.unlink()
+    return result, s, assemble_s, baseline, size
+
+
+def engine_rows(model, ids, wins, protocol, peak: float, workdir: Path, compile: bool) -> list[dict]:
+    """quantbench's baseline cell and a cell with KL, eager or with `eval.compile`, each timed on its second
+    whole pass; the first (kernels picked for each batch shape, and with compile the graphs compiled, as in
+    any job) is timed apart."""
+    backend = TransformersBackend(model, compile=compile)
+    mode, context = "eval.compile" if compile else "eager", protocol.context
+    first_s = baseline_cell(backend, ids, wins, protocol, workdir, compile)[1]
+    torch.cuda.reset_peak_memory_stats()
+    result, s, assemble_s, baseline, size = baseline_cell(backend, ids, wins, protocol, workdir, compile)
+    fed, scored = result["eval_tokens_fed"], result["n_tokens"]
+    flops = model_flops(model, fed, scored, context)
+    rows = [row(f"quantbench gptq, baseline cell (records the distributions), {mode}", model, fed, scored, s, context,
+                peak, ppl=result["ppl"], batch=result["batch_size"], first_pass_s=first_s,
+                pct_peak_first_pass=100 * flops / first_s / 1e12 / peak, compiled_layers=backend.info()["compiled_layers"],
+                peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30, distributions_gb=size / 1e9,
+                assemble_s=assemble_s, pct_peak_with_assembling=100 * flops / (s + assemble_s) / 1e12 / peak)]
+    _, first_s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", baseline=baseline, compile=compile))
+    torch.cuda.reset_peak_memory_stats()
+    result, s = sync_time(lambda: score(backend, ids, wins, protocol, "auto", baseline=baseline, compile=compile))
+    rows.append(row(f"quantbench gptq, cell with KL, {mode}", model, fed, scored, s, context, peak, ppl=result["ppl"],
+                    kl_mean=result["kl_mean"], batch=result["batch_size"], first_pass_s=first_s,
+                    pct_peak_first_pass=100 * flops / first_s / 1e12 / peak,
+                    peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30))
     return rows
 
 

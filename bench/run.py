@@ -97,7 +97,8 @@ def main() -> None:
         raw = textdata.describe_text({"dataset": textdata.WIKITEXT}, resources, "llamacpp")
         raw_file = work / "wiki.test.raw"
         raw_file.write_text(textdata.load_text(raw) + "\n", encoding="utf-8")  # wiki.test.raw itself
-        spec = {"protocol": "llamacpp", "context": 512, "max_windows": a.chunks, "tokens": "gguf", "batch_size": "auto"}
+        spec = {"protocol": "llamacpp", "context": 512, "max_windows": a.chunks, "tokens": "gguf", "batch_size": "auto",
+                "compile": False}
         results.append(compare(
             "GGUF Q4_K_M, llamacpp protocol: llama-perplexity vs quantbench",
             [str(tool), "-m", str(q4), "-f", str(raw_file), "-c", "512", "--chunks", str(a.chunks), "-t", str(a.threads)],
@@ -109,7 +110,7 @@ def main() -> None:
         joined = textdata.load_text(textdata.describe_text({"dataset": textdata.WIKITEXT}, resources))
         text_file = work / "wikitext-prefix.txt"
         text_file.write_text(joined[:a.loop_chars], encoding="utf-8")
-        spec = {"protocol": "sliding-seed", "context": 2048, "stride": 512, "batch_size": "auto"}
+        spec = {"protocol": "sliding-seed", "context": 2048, "stride": 512, "batch_size": "auto", "compile": False}
         results.append(compare(
             "FP16, sliding-seed protocol: Hugging Face loop vs quantbench",
             [sys.executable, str(ROOT / "bench" / "hf_loop.py"), str(hf_dir), str(text_file), "2048", "512", str(a.threads)],

@@ -167,6 +167,13 @@ def test_kl_against_the_stored_distributions_is_exact(stream, tiny, tmp_path):
     assert got["top1_agree"] < 1
     assert got["delta_p_mean"] == pytest.approx(delta_p.mean().item(), rel=1e-4, abs=1e-7)
 
+    # eval.compile compiles the layers of a model with plain weights only, never a quantized one's kernels
+    from quantbench.backends.transformers import compiled_layers
+    layers, compiled = compiled_layers(model)
+    assert layers is model.model.layers and len(compiled) == model.config.num_hidden_layers
+    assert compiled_layers(nf4.model) is None
+    assert TransformersBackend(model, compile=True).info()["compiled_layers"] == 0  # on a CPU: eager
+
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_head_reproduces_a_half_precision_model_and_nothing_else(stream, tiny, dtype, tmp_path):

@@ -89,37 +89,30 @@ class Distributions:
             self._head = Head(_to_torch(self.head, dtype).to(device), bias, scale, softcap)
         return self._head
 
-    def logprobs(self, rows: slice, device):
-        """The baseline's log-probabilities at scored positions `rows`, [n, V] float32 on `device`."""
-        import torch
-
-        hidden = _to_torch(self.hidden[rows], str(self.dtype)).to(device, non_blocking=True)
-        return torch.log_softmax(self.head_on(device)(hidden), -1, dtype=torch.float32)
-
-    def compare(self, logprobs, targets: np.ndarray, target_logp, offset: int):
-        """Per scored token of a chunk: KL(baseline || cell), whether the top-1 tokens agree, and Δp
-        of the target (cell minus baseline), for the baseline's rows [offset, offset + len(targets)).
-        `logprobs` [n, V] and `target_logp` [n] are the cell's, float32 on its device; the results stay
-        there. KL's terms are float32, summed in float64."""
+    def reference(self, offset: int, targets: np.ndarray, device):
+        """The baseline's logits at its scored rows [offset, offset + len(targets)) on `device`, in its compute
+        dtype, as its forward made them, and its target log-probabilities there (float32); other targets
+        than the baseline scored are refused."""
         import torch
 
         rows = slice(offset, offset + len(targets))
         if not np.array_equal(self.targets[rows], targets):
             raise ValueError("the FP16 baseline scored other tokens: its distributions were made for another protocol or text")
-        p = self.logprobs(rows, logprobs.device)
-        top1 = logprobs.argmax(-1) == p.argmax(-1)
-        kl = torch.nn.functional.kl_div(logprobs, p, reduction="none", log_target=True).sum(-1, dtype=torch.float64)
-        baseline_logp = torch.from_numpy(self.target_logp[rows]).to(logprobs.device)
-        delta_p = target_logp.double().exp() - baseline_logp.double().exp()
-        return kl, top1, delta_p
+        hidden, target_logp = _to_torch(self.hidden[rows], str(self.dtype)), torch.from_numpy(self.target_logp[rows])
+        if device.type == "cuda":  # page-locked (torch's cached host blocks), so that the rows travel while the GPU
+            # computes: a copy from pageable memory holds the host until the GPU has caught up, every chunk
+            hidden, target_logp = hidden.pin_memory(), target_logp.pin_memory()
+        return self.head_on(device)(hidden.to(device, non_blocking=True)), target_logp.to(device, non_blocking=True)
 
 
 class Recorder:
     """Collects the baseline's distributions while the scoring loop runs it: after each batch
     (`on_batch`), the head inputs at the scored positions, in the compute dtype, into one host
-    buffer for all `n_tokens`. From a GPU, each batch's copy runs in a thread on a stream of its
-    own while the next batch computes. The buffer is pageable: pinning it (2.4 GB for an 8B model)
-    gave no gain over these copies, even when pinned from a thread beside the first batch."""
+    buffer for all `n_tokens`. From a GPU, each batch goes by DMA into one of two page-locked
+    staging buffers on a stream of its own while the next batch computes, and a thread moves it on
+    into the (pageable) buffer: a copy straight into pageable memory occupies the driver, and with
+    it the launches of the next batch; pinning the whole buffer (2.4 GB for an 8B model) stalled
+    the first batch instead."""
 
     def __init__(self, backend, n_tokens: int):
         import torch
@@ -129,9 +122,9 @@ class Recorder:
         weight = self.head.weight
         self.hidden = torch.empty((n_tokens, weight.shape[1]), dtype=weight.dtype)
         self.copier = ThreadPoolExecutor(1) if weight.is_cuda else None
+        self.staging, self.stream = [], None
 
     def __call__(self, targets: np.ndarray, target_logp: np.ndarray, logits) -> None:
-        import torch
 
         hidden = logits.hidden.to(self.head.weight.dtype)
         rows = slice(self.filled, self.filled + len(hidden))
@@ -139,10 +132,31 @@ class Recorder:
         if self.copier is None:
             self.hidden[rows].copy_(hidden)
         else:
-            ready = torch.cuda.current_stream(hidden.device).record_event()
-            self.copies.append(self.copier.submit(_copy_after, hidden, self.hidden[rows], ready))
+            self._stage(hidden, rows)
         self.targets.append(targets.reshape(-1).astype(np.int32))
         self.target_logp.append(target_logp.reshape(-1).astype(np.float32))
+
+    def _stage(self, hidden, rows: slice) -> None:
+        """hidden (on the GPU) into self.hidden[rows]: DMA into the staging buffer the batch before last
+        used, once its move onwards is done, then moved on by the thread."""
+        import torch
+
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(hidden.device)
+        if not self.staging or len(self.staging[0]) < len(hidden):  # the first batch, or a larger one
+            for copy in self.copies:
+                copy.result()
+            self.staging = [torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True) for _ in range(2)]
+        k = len(self.copies) % 2
+        if len(self.copies) >= 2:
+            self.copies[-2].result()  # the staging buffer is free again
+        buffer = self.staging[k][:len(hidden)]
+        self.stream.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(self.stream):
+            buffer.copy_(hidden, non_blocking=True)
+            hidden.record_stream(self.stream)  # the allocator keeps hidden until the copy has read it
+            done = self.stream.record_event()
+        self.copies.append(self.copier.submit(_move_on, done, buffer, self.hidden[rows]))
 
     def finish(self, model_dir: str | None = None) -> Distributions:
         """The distributions. Where `model_dir`'s safetensors hold the head exactly as the baseline ran
@@ -167,15 +181,10 @@ class Recorder:
                              np.array([head.scale, head.softcap], np.float32), np.array(dtype), ref)
 
 
-def _copy_after(src, dst, ready) -> None:
-    """src (on a GPU) into dst (host) once `ready` has passed, on a side stream: the caller holds src
-    until this returns, and a copy into pageable memory returns when it is done."""
-    import torch
-
-    stream = torch.cuda.Stream(src.device)
-    stream.wait_event(ready)
-    with torch.cuda.stream(stream):
-        dst.copy_(src)
+def _move_on(done, staging, dst) -> None:
+    """Once the DMA into `staging` is `done`, its rows into dst (host memory to host memory)."""
+    done.synchronize()
+    dst.copy_(staging)
 
 
 def _checkpoint_tensor(model_dir: str, name: str, dtype: str) -> np.ndarray | None:

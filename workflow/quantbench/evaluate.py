@@ -53,12 +53,13 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
             baseline = None
             record["kl_error"] = "the FP16 baseline did not run, so there are no distributions to compare with"
         trust = trusts_remote_code(base_dir or artifact)  # a packed checkpoint runs its base model's code
-        backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust, gpus, calib)
+        backend = open_backend(method, cell["params"], artifact, protocol.context, threads, kernel, trust, gpus, calib,
+                               eval_spec["compile"])
         if method.family is Family.PREQUANTIZED:
             _check_vocabulary(backend, base_dir, tokens, cell["model"])
         recorder = Recorder(backend, sum(w.n_scored for w in wins)) if write_distributions else None
         record |= score(backend, tokens, wins, protocol, eval_spec["batch_size"], meta["tokenizer"]["bos_token_id"],
-                        baseline, recorder)
+                        baseline, recorder, eval_spec["compile"])
         if not np.isfinite(record["ppl"]):  # a kernel's NaN is a failed cell, never a row that looks scored
             raise ValueError(f"its perplexity is {record['ppl']}: the model's log-probabilities are not finite")
         kept = recorder.finish(artifact) if recorder else None

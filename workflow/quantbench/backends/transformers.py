@@ -3,6 +3,7 @@ load-time methods (bitsandbytes, EETQ), each loaded as its method's module says.
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ class TransformersBackend:
     windows_per_batch = None
 
     def __init__(self, model, backend: str = "transformers", kernel: str | None = None, model_dir: str | None = None,
-                 training: dict | None = None):
+                 training: dict | None = None, compile: bool = False):
         self.model = model.eval()
         self.training = training or {}  # what training its adapters recorded (QLoRA)
         self.model_dir = model_dir  # where it was loaded from, and its tokenizer if it has one
@@ -43,13 +44,16 @@ class TransformersBackend:
         self.weight_bytes = weight_bytes(model)
         self.head = Head.of(model)
         self.head_checked = False
+        self.compiled = compiled_layers(model) if compile and self.device == "cuda" else None
 
     @classmethod
     def load(cls, method, params: dict, model_dir: str, threads: int, kernel: str = "auto",
-             trust_remote_code: bool = False, gpus: int = 1, calib: str | None = None) -> TransformersBackend:
+             trust_remote_code: bool = False, gpus: int = 1, calib: str | None = None,
+             compile: bool = False) -> TransformersBackend:
         """A cell of `method` (a methods.Method) from a Hugging Face directory: the model itself (baseline),
         a packed checkpoint evaluated by `kernel`, or the model quantized while loading; with `gpus` > 1,
-        spread across the first `gpus` GPUs."""
+        spread across the first `gpus` GPUs; with `compile`, its decoder layers compiled for scoring where
+        that is safe (`compiled_layers`)."""
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
@@ -89,7 +93,7 @@ class TransformersBackend:
         else:
             model = load()
         return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}",
-                   model_dir=model_dir, training=training)
+                   model_dir=model_dir, training=training, compile=compile)
 
     def info(self) -> dict:
         devices = {p.device for p in self.model.parameters()}
@@ -100,6 +104,7 @@ class TransformersBackend:
             "compute_dtype": str(self.dtype).removeprefix("torch."),
             "kernel": self.kernel,
             "weight_memory_mb": self.weight_bytes / 2**20,
+            "compiled_layers": len(self.compiled[1]) if self.compiled else 0,
         }
 
     def logits(self, ids: np.ndarray, n_scored: int) -> HeadLogits:
@@ -112,7 +117,8 @@ class TransformersBackend:
             real, capture = self.model.get_output_embeddings(), _HeadInput()
             self.model.set_output_embeddings(capture)
             try:  # the last n_scored + 1 positions; the very last predicts nothing
-                self.model(input_ids=batch, logits_to_keep=n_scored + 1, use_cache=False)
+                with self.scoring_layers():
+                    self.model(input_ids=batch, logits_to_keep=n_scored + 1, use_cache=False)
             finally:
                 self.model.set_output_embeddings(real)
             hidden = capture.hidden[:, :-1]
@@ -123,7 +129,8 @@ class TransformersBackend:
         last n_scored positions of `window`: a forward that does more to its logits than Head knows of
         is refused, never scored. The two may round differently in the compute dtype, by up to
         eps * max|logit| of a row; twice that is allowed."""
-        logits = self.model(input_ids=window, logits_to_keep=n_scored + 1, use_cache=False).logits[0, :-1]
+        with self.scoring_layers():
+            logits = self.model(input_ids=window, logits_to_keep=n_scored + 1, use_cache=False).logits[0, :-1]
         want = torch.log_softmax(logits.float(), -1)  # on the input's device, when accelerate spreads the model
         self.head_checked = True
         logits = self.logits(window.cpu().numpy(), n_scored).rows(slice(None)).float()
@@ -134,6 +141,23 @@ class TransformersBackend:
             self.head_checked = False
             raise ValueError(f"the model's output head cannot be recomputed from its inputs and weights: "
                              f"log-probabilities differ by up to {float(error.max()):.3g} ({self.dtype} logits)")
+
+    @contextmanager
+    def scoring_layers(self):
+        """The compiled decoder layers in place for a scoring forward; generation, the speed test and
+        lm-eval run the model as its users do, eager."""
+        if not self.compiled:
+            yield
+            return
+        layers, compiled = self.compiled
+        eager = list(layers)
+        for i, layer in enumerate(compiled):
+            layers[i] = layer
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(eager):
+                layers[i] = layer
 
     def speed(self, repetitions: int = REPETITIONS) -> dict:
         """Prefill (pp512) and decode (tg128) tokens/s at batch 1 with the model's KV cache, measured as
@@ -218,6 +242,22 @@ class TransformersBackend:
 
     def close(self) -> None:
         pass
+
+
+def compiled_layers(model):
+    """The decoder's layers and each compiled by torch.compile (dynamic shapes: one graph for every batch
+    and length, shared by the layers), where that is safe: a model on one GPU whose weights are plain
+    tensors in plain nn.Linear layers (the FP16 model; a quantized model's kernels are its own). Else None.
+    Compiled, the elementwise work between the matmuls (norms, rotary embedding, SiLU, residuals) fuses:
+    a small model's scoring spends most of its time there when eager."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    params = list(model.parameters())
+    if not isinstance(layers, torch.nn.ModuleList) or len({p.device for p in params}) != 1 \
+            or any(type(p.data) is not torch.Tensor for p in params) \
+            or any(type(m) is not torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear)) \
+            or any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return None
+    return layers, [torch.compile(layer, dynamic=True) for layer in layers]
 
 
 def spread_over(gpus: int) -> dict[int, int]:
