@@ -31,7 +31,8 @@ class Plan:
         self.generation_settings = _json({k: config["report"][k] for k in ("prompts", "max_new_tokens",
                                                                           "speed_repetitions")})
         self.ollama_settings = _json(config["ollama"])
-        self.hub_tasks = _json([t for t in config["eval"].get("tasks", []) if not t["path"]])
+        self.hub_tasks = [t for t in config["eval"].get("tasks", []) if not t["path"]]  # fetched once, before any job
+        self.hub_tasks_settings = _json(self.hub_tasks)
 
     @property
     def model_pattern(self) -> str:
@@ -157,7 +158,7 @@ class Plan:
 
     def task_inputs(self, wildcards) -> dict:
         """An evaluation's lm-eval task data from the Hub, fetched before (local tasks need none)."""
-        return {"task_data": paths.TASKS_FETCHED} if json.loads(self.hub_tasks) else {}
+        return {"task_data": paths.TASKS_FETCHED} if self.hub_tasks else {}
 
     @staticmethod
     def tokenizer_args(wildcards, input) -> str:
@@ -181,7 +182,7 @@ class Plan:
         if self.config["eval"]["tokens"] == "gguf":
             out += convert
         out.append(("tokenize", paths.EVAL_TOKENS.format(model=model), paths.log("tokenize", per_model)))
-        if json.loads(self.hub_tasks):
+        if self.hub_tasks:
             out.append(("fetch_task_data", paths.TASKS_FETCHED, paths.log("fetch_task_data")))
         if cell.calibrated:
             out.append(("calibration", paths.CALIB_TOKENS.format(model=model), paths.log("calibration", per_model)))

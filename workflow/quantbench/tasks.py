@@ -43,7 +43,7 @@ def check(tasks: list, fetched_file: str) -> tuple[str, str] | None:
             root = Path(task["path"])
             if not root.is_dir():
                 return f"{key}.path", f"{task['path']} is not a directory (lm-eval task YAMLs and their data files)"
-            if not _declares(root, name):
+            if name not in _declared(root):
                 return f"{key}.name", f"no YAML under {root} declares task, group or tag '{name}'"
         elif name not in fetched:
             hub.append((key, name))
@@ -54,9 +54,9 @@ def check(tasks: list, fetched_file: str) -> tuple[str, str] | None:
     spec = find_spec("lm_eval")
     if spec is None:
         return hub[0][0], "the Hub's tasks need lm-eval here (pip install -e '.[tasks]'); or give the task a path"
-    shipped = Path(spec.origin).parent / "tasks"
+    shipped = _declared(Path(spec.origin).parent / "tasks")  # one scan of every YAML lm-eval ships
     for key, name in hub:
-        if not _declares(shipped, name):
+        if name not in shipped:
             return key, (f"lm-eval {_version()} ships no task '{name}' (`lm-eval ls tasks` lists them); a task of "
                          "your own takes a path: the directory of its YAML and data files")
     from .sources import hub_unreachable
@@ -70,13 +70,13 @@ def check(tasks: list, fetched_file: str) -> tuple[str, str] | None:
     return None
 
 
-def _declares(root: Path, name: str) -> bool:
-    """Whether a YAML under root names `name` as its task, group or tag."""
+def _declared(root: Path) -> set[str]:
+    """The names YAMLs under root declare as a task, group or tag (list items: a group's tasks, a task's tags)."""
     import re
 
-    pattern = re.compile(rf"^(task|group|tag):\s*['\"]?{re.escape(name)}['\"]?\s*$|^\s*-\s*{re.escape(name)}\s*$",
-                         re.MULTILINE)
-    return any(pattern.search(p.read_text(encoding="utf-8", errors="replace")) for p in root.rglob("*.yaml"))
+    pattern = re.compile(r"^(?:task|group|tag):\s*['\"]?([^'\"\s]+)['\"]?\s*$|^\s*-\s*([^\s'\":]+)\s*$", re.MULTILINE)
+    return {a or b for p in root.rglob("*.yaml")
+            for a, b in pattern.findall(p.read_text(encoding="utf-8", errors="replace"))}
 
 
 def _version() -> str:

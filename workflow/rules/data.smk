@@ -86,7 +86,7 @@ rule fetch_task_data:
         mem_mb=scaled_by_attempt(4000),
         runtime=120,
     params:
-        tasks=PLAN.hub_tasks,
+        tasks=PLAN.hub_tasks_settings,
         cache=lambda wildcards, output: Path(output[0]).parent,  # paths.TASK_DATA
     shell:
         "python -m quantbench fetch-task-data --tasks {params.tasks:q} --cache {params.cache} --out {output} > {log} 2>&1"
