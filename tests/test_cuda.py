@@ -144,3 +144,28 @@ def test_scoring_on_the_gpu_equals_the_cpu_and_its_kl_is_exact(tiny, tmp_path):
     assert base_c["ppl"] == pytest.approx(base["ppl"], rel=1e-5)
     assert got_c["ppl"] == pytest.approx(got["ppl"], rel=1e-3)
     assert got_c["kl_mean"] == pytest.approx(kl_c.mean().item(), rel=1e-3)
+
+
+def test_the_baseline_recorder_keeps_every_batch_in_order():
+    """Batches of varying rows go to the host through two alternating page-locked staging buffers, which grow
+    when a batch outgrows them, while the GPU goes on: every row lands where it belongs."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from quantbench.backends import Head
+    from quantbench.distributions import Recorder
+
+    head = Head(torch.randn(50, 8, device="cuda", dtype=torch.bfloat16))
+    sizes = [3, 5, 5, 5, 7, 2, 7, 1]
+    recorder = Recorder(SimpleNamespace(model=None, head=head), sum(sizes))
+    batches = []
+    for i, n in enumerate(sizes):
+        hidden = torch.randn(n, 8, device="cuda", dtype=torch.bfloat16)
+        batches.append(hidden.cpu())
+        torch.cuda._sleep(1_000_000)  # the GPU busy before the batch's copy can start, as the next forward keeps it
+        recorder(np.full(n, i), np.zeros(n), SimpleNamespace(hidden=hidden))
+        del hidden  # freed here, still being copied: record_stream keeps it
+    for copy in recorder.copies:
+        copy.result()
+    assert torch.equal(recorder.hidden, torch.cat(batches))

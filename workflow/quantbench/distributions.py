@@ -125,7 +125,6 @@ class Recorder:
         self.staging, self.stream = [], None
 
     def __call__(self, targets: np.ndarray, target_logp: np.ndarray, logits) -> None:
-
         hidden = logits.hidden.to(self.head.weight.dtype)
         rows = slice(self.filled, self.filled + len(hidden))
         self.filled += len(hidden)
@@ -167,6 +166,7 @@ class Recorder:
             copy.result()  # the copies to the host, done (or their error raised)
         if self.copier is not None:
             self.copier.shutdown()
+        self.staging = []  # page-locked, up to a batch's rows twice: not kept for the rest of the job
         head = self.head
         dtype = str(head.weight.dtype).removeprefix("torch.")
         name = next((n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight), None)

@@ -52,8 +52,8 @@ class TransformersBackend:
              compile: bool = False) -> TransformersBackend:
         """A cell of `method` (a methods.Method) from a Hugging Face directory: the model itself (baseline),
         a packed checkpoint evaluated by `kernel`, or the model quantized while loading; with `gpus` > 1,
-        spread across the first `gpus` GPUs; with `compile`, its decoder layers compiled for scoring where
-        that is safe (`compiled_layers`)."""
+        spread across the first `gpus` GPUs; with `compile`, the baseline's decoder layers compiled for
+        scoring where that is safe (`compiled_layers`)."""
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
@@ -92,8 +92,9 @@ class TransformersBackend:
             model, training = module.train(params, calib, device, dtype, load)
         else:
             model = load()
-        return cls(model, backend="transformers" if method.family is Family.BASELINE else f"transformers-{method.name}",
-                   model_dir=model_dir, training=training, compile=compile)
+        baseline = method.family is Family.BASELINE  # a quantized model's layers run its own kernels, eager
+        return cls(model, backend="transformers" if baseline else f"transformers-{method.name}",
+                   model_dir=model_dir, training=training, compile=compile and baseline)
 
     def info(self) -> dict:
         devices = {p.device for p in self.model.parameters()}
@@ -245,16 +246,18 @@ class TransformersBackend:
 
 
 def compiled_layers(model):
-    """The decoder's layers and each compiled by torch.compile (dynamic shapes: one graph for every batch
-    and length, shared by the layers), where that is safe: a model on one GPU whose weights are plain
-    tensors in plain nn.Linear layers (the FP16 model; a quantized model's kernels are its own). Else None.
-    Compiled, the elementwise work between the matmuls (norms, rotary embedding, SiLU, residuals) fuses:
-    a small model's scoring spends most of its time there when eager."""
-    layers = getattr(model.get_decoder(), "layers", None)
+    """The decoder's layers and each compiled by torch.compile (dynamic shapes: one graph serves every batch
+    of more than one window and every length, shared by the layers), where that is safe: a model on one GPU
+    whose weights are plain tensors and whose parameters are held by torch's and transformers' own modules
+    (the FP16 model). Else None. Compiled, the elementwise work between the matmuls (norms, rotary
+    embedding, SiLU, residuals) fuses: a small model's scoring spends most of its time there when eager."""
+    layers = getattr(getattr(model, "get_decoder", lambda: None)(), "layers", None)
     params = list(model.parameters())
+    own = ("torch.nn.", "transformers.")
     if not isinstance(layers, torch.nn.ModuleList) or len({p.device for p in params}) != 1 \
             or any(type(p.data) is not torch.Tensor for p in params) \
             or any(type(m) is not torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear)) \
+            or any(not type(m).__module__.startswith(own) for m in model.modules() if m._parameters) \
             or any(hasattr(m, "_hf_hook") for m in model.modules()):
         return None
     return layers, [torch.compile(layer, dynamic=True) for layer in layers]
