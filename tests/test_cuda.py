@@ -111,14 +111,18 @@ def test_scoring_on_the_gpu_equals_the_cpu_and_its_kl_is_exact(tiny, tmp_path):
     recorder.finish(str(tiny["hf"])).save(tmp_path / "d.npz")
     got = score(half, ids, wins, protocol, "auto", baseline=Distributions.load(tmp_path / "d.npz", str(tiny["hf"])))
 
-    kl = []
-    with torch.inference_mode():
-        for w in wins:
-            window = torch.from_numpy(ids[w.start:w.end].astype(np.int64))[None].cuda()
-            p = torch.log_softmax(gpu.model(window).logits[0, :-1].double(), -1)
-            q = torch.log_softmax(half.model(window).logits[0, :-1].double(), -1)
-            kl.append((p.exp() * (p - q)).sum(-1))
-    kl = torch.cat(kl)
+    def exact_kl():
+        """KL(fp32 || bf16) of both models' full distributions at every scored position, in double."""
+        kl = []
+        with torch.inference_mode():
+            for w in wins:
+                window = torch.from_numpy(ids[w.start:w.end].astype(np.int64))[None].cuda()
+                p = torch.log_softmax(gpu.model(window).logits[0, :-1].double(), -1)
+                q = torch.log_softmax(half.model(window).logits[0, :-1].double(), -1)
+                kl.append((p.exp() * (p - q)).sum(-1))
+        return torch.cat(kl)
+
+    kl = exact_kl()
     assert kl.mean().item() > 1e-5  # bf16 moves the distributions: the comparison is not vacuous
     assert got["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-3)
     assert got["kl_max"] == pytest.approx(kl.max().item(), rel=1e-2)
@@ -131,14 +135,8 @@ def test_scoring_on_the_gpu_equals_the_cpu_and_its_kl_is_exact(tiny, tmp_path):
     base_c = score(fp32, ids, wins, protocol, "auto", compile=True)
     got_c = score(bf16, ids, wins, protocol, "auto", baseline=Distributions.load(tmp_path / "d.npz", str(tiny["hf"])),
                   compile=True)
-    kl_c = []
-    with torch.inference_mode(), bf16.scoring_layers():
-        for w in wins:
-            window = torch.from_numpy(ids[w.start:w.end].astype(np.int64))[None].cuda()
-            p = torch.log_softmax(gpu.model(window).logits[0, :-1].double(), -1)
-            q = torch.log_softmax(half.model(window).logits[0, :-1].double(), -1)
-            kl_c.append((p.exp() * (p - q)).sum(-1))
-    kl_c = torch.cat(kl_c)
+    with bf16.scoring_layers():  # half.model's layers compiled: the KL of the model the compiled cell ran
+        kl_c = exact_kl()
     print(f"compiled vs eager: fp32 ppl {base_c['ppl'] / base['ppl'] - 1:.3g}, bf16 ppl {got_c['ppl'] / got['ppl'] - 1:.3g}, "
           f"bf16 KL {got_c['kl_mean']:.4g} (exact {kl_c.mean().item():.4g}) against eager {got['kl_mean']:.4g}")
     assert base_c["ppl"] == pytest.approx(base["ppl"], rel=1e-5)
