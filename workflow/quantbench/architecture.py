@@ -37,5 +37,10 @@ def too_long(cfg: dict, context: int, who: str = "the model") -> str | None:
     return None
 
 
+def stored_dtype(cfg: dict) -> str | None:
+    """The dtype the model's weights are stored in, where its config says (transformers 5 writes `dtype`)."""
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
 def needs_own_code(cfg: dict) -> bool:
     return "auto_map" in cfg

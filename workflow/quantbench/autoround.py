@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import cpu, io
 
 BATCH = 8  # AutoRound's default batch of calibration samples per tuning step
 
@@ -28,6 +28,8 @@ def _rounder(hf_dir: str, calib_ids: str, **options):
     trust = trusts_remote_code(hf_dir)
     samples = np.load(calib_ids).astype(np.int64)
     cuda = torch.cuda.is_available()
+    if not cuda:
+        options["amp"] = tuning_dtype() == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float16 if cuda else torch.float32,
                                                  trust_remote_code=trust)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust)
@@ -35,6 +37,12 @@ def _rounder(hf_dir: str, calib_ids: str, **options):
                         nsamples=len(samples), seqlen=samples.shape[1], batch_size=min(BATCH, len(samples)), seed=0,
                         device_map="cuda" if cuda else "cpu", enable_torch_compile=False, **options)
     return rounder, tokenizer
+
+
+def tuning_dtype() -> str:
+    """What AutoRound tunes in on this CPU: it picks bfloat16 on any CPU, and is held to float32 (amp off)
+    where this one emulates bfloat16."""
+    return cpu.compute_dtype("bfloat16")
 
 
 def quantize(params: dict, hf_dir: str, calib_ids: str, out_dir: str) -> dict:
@@ -47,7 +55,13 @@ def quantize(params: dict, hf_dir: str, calib_ids: str, out_dir: str) -> dict:
     with io.atomic_path(out_dir) as staging:
         rounder.save_quantized(str(staging), format="auto_gptq", inplace=True)
         tokenizer.save_pretrained(str(staging))
-    return {"quantize_s": quantize_s}
+    return {"quantize_s": quantize_s, **_dtype()}
+
+
+def _dtype() -> dict:
+    import torch
+
+    return {} if torch.cuda.is_available() else {"quantize_dtype": tuning_dtype()}
 
 
 def export_gguf(params: dict, hf_dir: str, calib_ids: str, out: str, threads: int) -> dict:
@@ -68,4 +82,4 @@ def export_gguf(params: dict, hf_dir: str, calib_ids: str, out: str, threads: in
                                "expected one")
         with io.atomic_path(out) as staging:
             shutil.move(written[0], staging)
-    return {"quantize_s": quantize_s}
+    return {"quantize_s": quantize_s, **_dtype()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import architecture, artifacts, failures, io, serving
+from . import architecture, artifacts, cpu, failures, io, serving
 from .backends import Skipped, open_backend
 from .distributions import Distributions, Recorder
 from .methods import METHODS, Bits, Family
@@ -40,6 +40,7 @@ def evaluate_cell(cell: dict, artifact: str, tokens_file: str, tokens_meta: str,
         "ppl": None, "ppl_stderr": None, "kl_mean": None, "top1_agree": None,
         "threads": threads,
         "versions": io.versions(*VERSIONS),
+        **cpu.describe(),  # where a speed was measured, and which dtypes that CPU computes natively
     }
     backend, kept = None, None
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import failures, io
+from . import architecture, cpu, failures, io
 from .sources import trusts_remote_code
 
 
@@ -49,16 +49,44 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
     if calib_ids:
         samples = np.load(calib_ids)
         calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
+    cuda = torch.cuda.is_available()
+    stored = stored_dtype(hf_dir) or "float16"
+    # GPTQModel picks bfloat16 on any CPU; where the CPU emulates it, quantizing takes float32 (and saves the
+    # weights it leaves unquantized in the model's own dtype again: the checkpoint is the same either way)
+    dtype = {} if cuda else {"dtype": getattr(torch, cpu.compute_dtype(stored))}
     t0 = time.perf_counter()
-    model = GPTQModel.load(hf_dir, quantize_config(method, params), trust_remote_code=trusts_remote_code(hf_dir))
+    model = GPTQModel.load(hf_dir, quantize_config(method, params), trust_remote_code=trusts_remote_code(hf_dir),
+                           **dtype)
     kwargs = {}
-    if method == "awq" and not torch.cuda.is_available():
+    if method == "awq" and not cuda:
         kwargs["backend"] = BACKEND.AWQ_TORCH  # AWQ's default kernels need CUDA
+        if dtype["dtype"] == torch.float32:  # its check refuses float32, though its pack() stores float16 scales from it
+            from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+            AwqTorchLinear.SUPPORTS_DTYPES = [*AwqTorchLinear.SUPPORTS_DTYPES, torch.float32]  # in this child only
     model.quantize(calibration, batch_size=1, **kwargs)
     quantize_s = time.perf_counter() - t0
+    if not cuda:
+        _unquantized_to(model.model, getattr(torch, stored))
     with io.atomic_path(out_dir) as staging:
         model.save(str(staging))
-    return measured({"quantize_s": quantize_s}, threads)
+    return measured({"quantize_s": quantize_s, "quantize_dtype": str(model.model.dtype if cuda else dtype["dtype"])
+                     .removeprefix("torch.")}, threads)
+
+
+def _unquantized_to(model, dtype) -> None:
+    """The weights quantization left as they were (embeddings, norms, head) back in `dtype`; the packed
+    layers keep theirs (scales in float16)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    for module in model.modules():
+        if not isinstance(module, BaseQuantLinear):
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    model.config.dtype = dtype
+
+
+def stored_dtype(model_dir: str) -> str | None:
+    return architecture.stored_dtype(io.read_json(Path(model_dir) / "config.json"))
 
 
 def measured(info: dict, threads: int) -> dict:
@@ -116,10 +144,14 @@ def run(cell: dict, hf_dir: str, calib_ids: str | None, calib_meta: str | None, 
 
 
 def load(method: str, model_dir: str, kernel: str, trust_remote_code: bool = False):
-    """A checkpoint loaded back by GPTQModel with `kernel`, and the names of the kernel classes it used."""
+    """A checkpoint loaded back by GPTQModel with `kernel`, and how it computes: the kernel classes it uses.
+
+    On a CPU, GPTQModel's kernels compute in float16 or bfloat16 only: they run where the CPU computes one
+    natively, eagerly (GPTQModel would torch.compile each layer's dequantization: minutes of recompiles
+    on a CPU, for a few percent). Where it computes neither, each packed layer becomes a float32 Linear
+    holding its exact dequantized weights (`dequantized`): the checkpoint's numbers, at float32's speed."""
     import torch
     from gptqmodel import GPTQModel
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     cuda = torch.cuda.is_available()
     if not cuda and kernel not in ("auto", "torch"):
@@ -127,11 +159,60 @@ def load(method: str, model_dir: str, kernel: str, trust_remote_code: bool = Fal
 
         raise Skipped(f"GPTQModel's {kernel} kernel needs CUDA, and this machine has none")
     kwargs = {"backend": backend(method, kernel, cuda), "trust_remote_code": trust_remote_code}
-    if not cuda:
-        kwargs["dtype"] = torch.bfloat16
-    model = GPTQModel.load(model_dir, device="cuda" if cuda else "cpu", **kwargs).model
-    used = sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)})
-    return model, ",".join(used) or None
+    if cuda:
+        model = GPTQModel.load(model_dir, device="cuda", **kwargs).model
+        return model, kernel_classes(model)
+    stored = stored_dtype(model_dir)
+    half = cpu.half(stored)
+    # float32 weights load in float16 (GPTQModel's CPU kernels take no float32): their packed layers keep float16 scales
+    model = GPTQModel.load(model_dir, device="cpu", dtype=getattr(torch, half or _half_of(stored)), **kwargs).model
+    used = kernel_classes(model)
+    if half:
+        _eager(model)
+        return model, used
+    dequantized(model)
+    return model.float(), f"float32 Linear (dequantized {used})"
+
+
+def _half_of(stored: str | None) -> str:
+    return stored if stored in cpu.HALVES else "float16"
+
+
+def kernel_classes(model) -> str | None:
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return ",".join(sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)})) or None
+
+
+def _eager(model) -> None:
+    """GPTQModel's layers with their own dequantization, not the torch.compile wrapper it set on them."""
+    for module in model.modules():
+        module.__dict__.pop("dequantize_weight", None)
+
+
+def dequantized(model) -> None:
+    """Each GPTQModel layer of `model` replaced by a float32 torch Linear holding its exact weights:
+    scale x (q - zero), unpacked by GPTQModel's own code with the scales in float32, where float16 scales
+    times small integers are exact."""
+    import torch
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear, BaseQuantLinear, PackableQuantLinear
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseQuantLinear):
+            continue
+        scales = module.scales
+        if isinstance(module, AWQuantLinear):
+            weight = dequantize_gemm(module.qweight, module.qzeros, scales.float(), module.bits, module.group_size)
+        else:
+            module.scales = scales.float()
+            weight = PackableQuantLinear.dequantize_weight(module)  # [in, out]
+            module.scales = scales
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = weight.float().t().contiguous()
+        if module.bias is not None:
+            linear.bias.data = module.bias.float()
+        model.set_submodule(name, linear)
 
 
 def backend(method: str, kernel: str, cuda: bool):

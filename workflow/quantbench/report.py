@@ -20,7 +20,7 @@ from .methods import AUTOROUND_GGUF, BASELINE, CHECKPOINT, GGUF_FILE, LLAMA_CPP,
 
 MAIN = ["model", "method", "variant", "status", "bits_per_weight", "size_MB", "size_ratio", "ppl", "ppl_stderr",
         "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agree", "eval_tokens_per_s", "pp_tokens_per_s", "tg_tokens_per_s",
-        "peak_MB", "quantize_s", "device"]
+        "peak_MB", "quantize_s", "device", "compute"]
 # Every column any table shows: its heading in words, and how its numbers are written.
 DISPLAY = {
     "bits_per_weight": ("bits / weight", "{:.2f}"), "size_MB": ("size MB", "{:.1f}"),
@@ -45,7 +45,7 @@ DISPLAY = {
     "train_loss_first": ("loss before", "{:.3f}"), "train_loss_last": ("loss after", "{:.3f}"),
     "file_type": ("GGUF type", None), "task_version": ("version", None), "shots": ("shots", "{:.0f}"),
     "documents": ("documents", "{:.0f}"), "score": ("score", "{:.1%}"), "score_stderr": ("± stderr", "{:.1%}"),
-    "delta_points": ("Δ points", "{:+.1f}"),
+    "delta_points": ("Δ points", "{:+.1f}"), "compute": ("computes in", None),
 }
 
 
@@ -61,10 +61,11 @@ class Section:
 def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: pd.DataFrame, n_references: int,
              claims: dict, tolerance_pct: float, budget_pct: float) -> list[Section]:
     main = df.assign(method=df["method"].replace({BASELINE.name: "FP16 (baseline)"}), size_MB=df["size_bytes"] / 1e6,
-                     peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]),
+                     peak_MB=df["peak_vram_mb"].fillna(df["peak_rss_mb"]), compute=_compute(df),
                      variant=[f"{v} (imatrix)" if m and "imatrix" not in v else v
                               for v, m in zip(df["variant"], _imatrix_cells(df))])[MAIN]
-    out = [Section("Results", _protocol_note(df) + _calibration_note(df) + _imatrix_note(df) + _published_note(df)
+    out = [Section("Results", _protocol_note(df) + _machine_note(df) + _calibration_note(df) + _imatrix_note(df)
+                   + _published_note(df)
                    + _status_notes(df) + [
         f"**{name}**: {spec['note']}" for name, spec in models.items() if spec.get("note")], main)]
     out.append(Section("Plots", ["Quality against bits per weight, with the Pareto front (no other cell is both "
@@ -218,6 +219,32 @@ def _run_it(df: pd.DataFrame) -> list[Section]:
 
 def _bands(bands: dict, sign: str, unit: str) -> str:
     return ", ".join(f"'{word}' {sign}{bound:g}{unit}" for word, bound in bands.items() if bound != float("inf"))
+
+
+def _compute(df: pd.DataFrame) -> list[str | None]:
+    """What each cell computed in: its dtype, and the kernel where one decided it (GPTQModel's layers, or their
+    dequantized float32 weights on a CPU that computes no half type natively)."""
+    kernels = df["kernel"] if "kernel" in df else pd.Series(None, index=df.index)
+    return [None if pd.isna(dtype) else f"{dtype} ({kernel})" if isinstance(kernel, str) else dtype
+            for dtype, kernel in zip(df["compute_dtype"], kernels)]
+
+
+def _machine_note(df: pd.DataFrame) -> list[str]:
+    """The CPU every speed of the run was measured on: its flags decide how fast it computes each dtype,
+    and so which path the CPU cells took. A run whose cells saw different CPUs names each."""
+    if "cpu" not in df or df["cpu"].isna().all():
+        return []
+    lines = []
+    for (name, flags, halves, decided), cells in df.groupby(
+            ["cpu", "cpu_flags", "cpu_native_half", "cpu_half_decided_by"], sort=True, dropna=False):
+        halves = json.loads(halves) if isinstance(halves, str) else []
+        native = " and ".join(halves) + " natively" if halves else "no half type natively (float32 only)"
+        how = "measured" if decided == "measured" else f"as `{decided}` said"
+        where = "" if len(cells) == len(df) else f" ({len(cells)} of the {len(df)} cells)"
+        lines.append(f"**CPU**{where}: {name}, flags {', '.join(json.loads(flags)) or 'none of note'}; it computes "
+                     f"{native} ({how}). CPU cells compute in what it computes natively: the `computes in` column "
+                     "says each one's dtype and kernel.")
+    return lines
 
 
 def _protocol_note(df: pd.DataFrame) -> list[str]:

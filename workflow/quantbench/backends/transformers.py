@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
+from .. import architecture, io
 from ..methods import Family
 from . import N_GEN, N_PROMPT, REPETITIONS, Head, HeadLogits, Skipped, rates, speed_record
 
@@ -68,7 +68,8 @@ class TransformersBackend:
         # CPU, where half matmuls are slow.
         dtype = torch.float32
         if cuda:
-            dtype = torch.bfloat16 if _checkpoint_dtype(model_dir) == "bfloat16" else torch.float16
+            stored = architecture.stored_dtype(io.read_json(Path(model_dir) / "config.json"))
+            dtype = torch.bfloat16 if stored == "bfloat16" else torch.float16
             dtype = getattr(torch, method.cuda_dtype) if method.cuda_dtype else dtype
         if method.family is Family.PREQUANTIZED:
             model, used = module.load(model_dir, kernel, trust_remote_code, "cuda" if cuda else "cpu", dtype)
@@ -288,7 +289,3 @@ def weight_bytes(model) -> int:
             add(tensor)
     return sum(storages.values())
 
-
-def _checkpoint_dtype(model_dir: str) -> str | None:
-    cfg = io.read_json(Path(model_dir) / "config.json")
-    return cfg.get("dtype") or cfg.get("torch_dtype")
