@@ -17,6 +17,7 @@ OVERRIDE = "QUANTBENCH_CPU_HALF"  # "bfloat16", "float16", "both" or "none": the
 HALVES = ("bfloat16", "float16")  # in order of preference: bfloat16 keeps float32's range
 # The /proc/cpuinfo flags that decide how fast a CPU computes each dtype, shown in every row
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "bf16", "fphp")
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # oneDNN's and ATen's caps on the vector ISA they use
 EMULATED = 4.0  # a half type this many times slower than float32 is emulated (native: ~0.1-1x; emulated: 30-60x)
 
 
@@ -84,5 +85,10 @@ def describe() -> dict:
         import platform
 
         model = platform.processor() or platform.machine()
+    import torch
+
+    caps = {k: os.environ[k] for k in ISA_CAPS if k in os.environ}
     return {"cpu": model, "cpu_flags": [f for f in FLAGS if f in flags], "cpu_native_half": list(native_halves()),
-            "cpu_half_decided_by": OVERRIDE if os.environ.get(OVERRIDE) is not None else "measured"}
+            "cpu_half_decided_by": OVERRIDE if os.environ.get(OVERRIDE) is not None else "measured",
+            # the vector ISA torch's own kernels run, and any cap set on it (a cap makes a CPU compute as an older one)
+            "cpu_torch_isa": torch.backends.cpu.get_cpu_capability(), "cpu_isa_caps": caps or None}
