@@ -21,7 +21,7 @@ if not workflow.overwrite_configfiles:
 
 
 qbconfig.check_files(workflow.overwrite_configfiles or [Path(workflow.basedir) / "config.yaml"])  # keys given twice
-qbconfig.validate(config)  # schema + cross-field checks, before any job
+qbconfig.validate(config, deep=workflow.is_main_process)  # schema + cross-field checks, before any job
 qbconfig.check_gpus(config, getattr(workflow.global_resources.get("gpu"), "value", None))  # a Resource
 PLAN = Plan(config)
 if workflow.is_main_process:  # damaged artifacts move away before planning, so they are rebuilt first

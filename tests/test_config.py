@@ -284,7 +284,7 @@ def test_what_earlier_runs_fetched_is_checked_before_any_job(tmp_path, monkeypat
     cfg = fresh()
     cfg["models"]["opt"] = {"source": "path", "path": str(opt)}
     cfg["methods"] = {"gguf": {"variants": ["Q8_0"]}}
-    with pytest.raises(qc.ConfigError, match=r"cannot convert model 'opt' \(OPTForCausalLM\)") as err:
+    with pytest.raises(qc.ConfigError, match=r"cannot convert model 'opt': it does not know OPTForCausalLM") as err:
         qc.validate(cfg)
     assert err.value.key == "methods.gguf.models"
     cfg["methods"]["gguf"]["models"] = ["smollm2-135m"]  # the others: accepted

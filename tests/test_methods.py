@@ -72,6 +72,62 @@ def test_every_method_ran_and_cuda_only_variants_were_skipped_on_cpu(methods_run
         assert abs(row["ppl"] - base) / base < 0.2, cell  # 4/8-bit on a tiny model: close to the baseline
 
 
+def test_packed_cells_score_alike_on_their_kernels_and_on_their_dequantized_float32_weights(methods_run, tmp_path):
+    """On a CPU that computes no half type natively, a packed cell is scored on its exact dequantized weights in
+    float32; elsewhere GPTQModel's kernels run in bfloat16. Whichever this machine took, the other is forced
+    (QUANTBENCH_CPU_HALF) on a copy of the run, and both give the same numbers within bfloat16's rounding:
+    bfloat16 keeps 8 significant bits, so each activation and logit of the kernel path is off by up to 2^-9 of
+    itself, and the mean log-probability of thousands of tokens, an average of such errors, by far less than
+    one such unit (|Δ ln ppl| ≤ 2^-9); KL from FP16 and top-1 agreement move by that noise alone."""
+    work, df, _ = methods_run
+    cells = [("gptq", "w4g128"), ("awq", "w4g128")]
+    took_kernels = df.loc[cells[0], "compute_dtype"] != "float32"
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, symlinks=True)
+    targets = [f"results/tiny/{m}/{v}/metrics.json" for m, v in cells]
+    run = snakemake(copy, *targets, "--forcerun", *targets, config=copy / "config.yaml",
+                    env={"QUANTBENCH_CPU_HALF": "none" if took_kernels else "bfloat16"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    for cell, target in zip(cells, targets):
+        ran, forced = df.loc[cell], json.loads((copy / target).read_text())
+        kernel, exact = (ran, forced) if took_kernels else (forced, ran)
+        assert kernel["compute_dtype"] == "bfloat16" and not kernel["kernel"].startswith("float32"), cell
+        assert exact["compute_dtype"] == "float32" and exact["kernel"].startswith("float32 Linear (dequantized"), cell
+        assert forced["cpu_half_decided_by"] == "QUANTBENCH_CPU_HALF"
+        assert abs(math.log(kernel["ppl"] / exact["ppl"])) <= 2 ** -9, (cell, kernel["ppl"], exact["ppl"])
+        assert abs(kernel["kl_mean"] - exact["kl_mean"]) <= 2 ** -9 + 0.02 * exact["kl_mean"], cell
+        assert abs(kernel["top1_agree"] - exact["top1_agree"]) <= 0.01, cell
+
+
+def test_dequantized_weights_are_the_checkpoints_own(methods_run):
+    """The float32 weights of the dequantized path, rounded to float16, are GPTQModel's own float16
+    dequantization bit for bit: scale x (q - zero) is exact in float32 and rounded once in float16."""
+    from gptqmodel import GPTQModel
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    from quantbench import packed
+
+    work, _, _ = methods_run
+    for method in ("gptq", "awq"):
+        checkpoint = str(work / "results" / "tiny" / method / "w4g128" / "model")
+        own = GPTQModel.load(checkpoint, device="cpu", dtype=torch.float16,
+                             backend=packed.backend(method, "torch", False)).model
+        reference = {name: type(m).dequantize_weight(m) if method == "gptq" else _awq_weight(m)  # GPTQModel's, eager
+                     for name, m in own.named_modules() if isinstance(m, BaseQuantLinear)}
+        packed.dequantized(own)
+        assert reference
+        for name, weight in reference.items():
+            mine = own.get_submodule(name).weight
+            assert mine.dtype == torch.float32
+            assert torch.equal(mine.t().half(), weight.half()), (method, name)
+
+
+def _awq_weight(module):
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(module.qweight, module.qzeros, module.scales.half(), module.bits, module.group_size)
+
+
 def test_load_time_cells_count_the_bits_their_weights_hold(methods_run, tiny):
     """Bits per weight of a cell quantized in memory: the bytes of its weights as loaded (packed data,
     scales, tensor subclasses by what they hold) over the parameters. On the tiny model the unquantized

@@ -129,7 +129,7 @@ def method_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
                                      "verdict": "measured; the usual tables make no claim"})
                 continue
             quality_ok = rep["delta_ppl_pct"] <= qbands[claim["quality_loss"]]
-            speed_ok = None if speed is None else speed >= sbands[claim["speed"]]
+            speed_ok = None if speed is None else bool(speed >= sbands[claim["speed"]])  # numpy's bool is never False
             why = []
             if not quality_ok:
                 why.append(f"ΔPPL {rep['delta_ppl_pct']:+.1f}% is beyond '{claim['quality_loss']}' "

@@ -86,13 +86,14 @@ def load(file) -> dict:
     return validate(read(file))
 
 
-def validate(config: dict) -> dict:
-    """Schema (with defaults filled in) plus cross-field checks; returns config."""
+def validate(config: dict, deep: bool = True) -> dict:
+    """Schema (with defaults filled in) plus cross-field checks; returns config. `deep` adds what the
+    libraries say of each local model (support.py): seconds of work, done once by the planning process."""
     from snakemake.utils import validate as schema_validate
 
     check_schema(config)
     schema_validate(config, str(SCHEMA), set_default=True)  # fills in the schema's defaults
-    check(config)
+    check(config, deep)
     return config
 
 
@@ -127,9 +128,10 @@ def check_schema(config: dict) -> None:
     raise ConfigError(key, message)
 
 
-def check(config: dict) -> None:
+def check(config: dict, deep: bool = True) -> None:
     models = config["models"]
-    local = {name: _check_model(name, model) for name, model in models.items()}  # their config.json, if local
+    _check_names(models)
+    local = {name: _check_model(name, model, deep) for name, model in models.items()}  # their config.json, if local
     for name, spec in config["methods"].items():
         method = METHODS[name]
         if "kernel" in spec and spec["kernel"] not in method.kernels:
@@ -156,9 +158,15 @@ def check(config: dict) -> None:
                 model, architecture.widths(local[model]), spec["variants"])
             if problem:
                 raise ConfigError(*problem)
+    for name, spec in config["methods"].items():
+        for model in (spec.get("models") or models) if deep and METHODS[name].supports else []:
+            problem = local[model] and METHODS[name].supports(models[model]["path"], local[model])
+            if problem:
+                raise ConfigError(f"methods.{name}.models", f"model '{model}': {problem}; list the other models in "
+                                                            f"methods.{name}.models")
     for name, spec in config["methods"].items():  # the methods that write GGUF files of the HF model
         if METHODS[name].family in (Family.GGUF, Family.GGUF_EXPORT):
-            _check_convertible(name, spec.get("models") or models, local)
+            _check_convertible(name, spec.get("models") or models, local, models, deep)
     gguf_models = config["methods"].get("gguf", {}).get("models")
     if config["eval"].get("tokens") == "gguf" and gguf_models:
         left_out = [m for m in models if m not in gguf_models]
@@ -195,7 +203,25 @@ def check(config: dict) -> None:
     _check_references(config.get("report", {}).get("references", []))
 
 
-def _check_model(name: str, model: dict) -> dict | None:
+def _check_names(models: dict) -> None:
+    """A model's name is a folder under results/ and a part of job names: none may write into the workflow's
+    own folders, end in a dot (Windows and SMB shares drop it; names then collide), or differ from another
+    only in case (one folder on macOS and Windows file systems)."""
+    seen = {}
+    for name in models:
+        if name in paths.RESULTS_FOLDERS:
+            raise ConfigError(f"models.{name}", f"'{name}' is a folder of the workflow's own under {paths.RESULTS}/ "
+                                                f"({', '.join(paths.RESULTS_FOLDERS)}): rename the model")
+        if name.endswith("."):
+            raise ConfigError(f"models.{name}", "a name ending in '.' is not kept by every file system (Windows, SMB "
+                                                "shares drop the dot): rename the model")
+        if name.lower() in seen:
+            raise ConfigError(f"models.{name}", f"'{name}' and '{seen[name.lower()]}' differ only in case: one folder "
+                                                "on case-insensitive file systems (macOS, Windows); rename one")
+        seen[name.lower()] = name
+
+
+def _check_model(name: str, model: dict, deep: bool = True) -> dict | None:
     """What can be known of a model before it is downloaded: its local files. Returns a local Hugging
     Face model's config.json, for the checks that need its shape."""
     key = f"models.{name}"
@@ -225,6 +251,11 @@ def _check_model(name: str, model: dict) -> dict | None:
     if architecture.needs_own_code(hf_config) and not model.get("trust_remote_code"):
         raise ConfigError(f"{key}.trust_remote_code", f"{hf_dir / 'config.json'} has auto_map: the model runs its own "
                           "code; set trust_remote_code: true only if you trust it")
+    from . import support
+
+    for problem in (support.token_ids(hf_config), deep and support.causal(hf_config)):
+        if problem:
+            raise ConfigError(f"{key}.path", f"{hf_dir}: {problem}")
     return hf_config
 
 
@@ -250,22 +281,27 @@ def _check_gguf_file(key: str, spec: dict) -> None:
                 raise ConfigError(f"{key}.path", f"{spec['path']} is not a GGUF file (it does not start with 'GGUF')")
 
 
-def _check_convertible(method: str, gguf_models: list[str], local: dict) -> None:
+def _check_convertible(method: str, gguf_models: list[str], local: dict, models: dict, deep: bool) -> None:
     """Once an earlier run (or setup) fetched llama.cpp's converter, its registry says which local models
     it can convert: what the pinned llama.cpp can load and evaluate, whoever writes the GGUF (AutoRound's
-    export has its own copy of the conversion code)."""
+    export has its own copy of the conversion code). `deep`: the converter converts each one's vocabulary,
+    which reads the config keys and tokenizer files the whole conversion needs."""
     converter = Path(paths.CONVERTER)
     if not converter.is_file():
         return
+    from . import support
     from .llamacpp import LLAMA_CPP_PYTHON_PIN, converter_architectures
 
     known = converter_architectures(converter)
     for name in gguf_models:
         unknown = [a for a in (local[name] or {}).get("architectures") or [] if a not in known]
-        if unknown:
+        problem = f"it does not know {', '.join(unknown)}" if unknown else None
+        if not problem and deep and local[name]:
+            problem = support.converter(models[name]["path"], str(converter), paths.CONVERTER_CHECKED)
+        if problem:
             raise ConfigError(f"methods.{method}.models", f"llama.cpp's converter (llama-cpp-python "
-                              f"{LLAMA_CPP_PYTHON_PIN}) cannot convert model '{name}' ({', '.join(unknown)}); list the "
-                              f"other models in methods.{method}.models")
+                              f"{LLAMA_CPP_PYTHON_PIN}) cannot convert model '{name}': {problem}; list the other "
+                              f"models in methods.{method}.models")
 
 
 def _check_text_length(config: dict) -> None:

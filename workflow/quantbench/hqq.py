@@ -10,7 +10,11 @@ def quantize(params: dict, device: str, load):
     from hqq.core.quantize import BaseQuantizeConfig
     from hqq.models.hf.base import AutoHQQHFModel
 
+    from .support import hqq_blocks
+
     model = load()
+    if problem := hqq_blocks(model):  # a model downloaded by this run, unseen before any job
+        raise ValueError(problem)
     config = BaseQuantizeConfig(nbits=params["bits"], group_size=params["group_size"], axis=1)
     dtype = model.dtype if device == "cuda" else torch.float32
     AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=dtype, device=device)

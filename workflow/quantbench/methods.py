@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import support
+
 
 class Family(enum.Enum):
     """What a method makes, and so which workflow steps and which backend a cell of it takes."""
@@ -104,6 +106,9 @@ class Method:
     consistent: Callable[[dict], tuple[str, str] | None] = lambda params: None
     # What it needs of a model's architecture: (model name, widths, variants) -> an error or None.
     architecture: Callable[[str, dict, list], tuple[str, str] | None] | None = None
+    # What its library's own tables say of a model (support.py): (model directory, config.json) -> why it
+    # cannot take it, or None. Checked before any job, for the models whose files are here.
+    supports: Callable[[str, dict], str | None] | None = None
 
     def calibrated_by(self, params: dict) -> bool:
         """Whether a variant needs the model's calibration tokens: the method's, or its importance matrix."""
@@ -255,25 +260,26 @@ GGUF = Method(
     bits=lambda params: GGUF_TYPES[params["type"]], architecture=_k_quant_rows("gguf"), consistent=_gguf_consistent)
 GPTQ = Method(
     "gptq", Family.PACKED, "GPTQ through GPTQModel", module="packed", env="gptqmodel", counted=Bits.PACKED,
-    calibrated=True, kernels=KERNELS, shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
+    supports=support.gptqmodel, calibrated=True, kernels=KERNELS, shorthand=_width_group_name,
+    spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "desc_act": Param(bool, False, (False, True)), "sym": Param(bool, True, (False, True)),
             "damp": Param(float, 0.01, check=_fraction, meaning="a number in (0, 1)")})
 AWQ = Method(
     "awq", Family.PACKED, "AWQ through GPTQModel (4-bit GEMM with zero points)", module="packed", env="gptqmodel",
-    counted=Bits.PACKED, calibrated=True, kernels=KERNELS, architecture=_awq_groups, shorthand=_width_group_name,
-    spell=_width_group_spelling, example="w4g128",
+    supports=support.gptqmodel, counted=Bits.PACKED, calibrated=True, kernels=KERNELS, architecture=_awq_groups,
+    shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, 4, (4,)), "group_size": Param(int, 128, (64, 128)),
             "zero_point": Param(bool, True, (False, True))})
 RTN = Method(
     "rtn", Family.PACKED, "round-to-nearest in GPTQ's packing: the baseline GPTQ and AWQ must beat",
-    module="packed", env="gptqmodel", counted=Bits.PACKED, kernels=KERNELS, shorthand=_width_group_name,
-    spell=_width_group_spelling, example="w4g128",
+    module="packed", env="gptqmodel", supports=support.gptqmodel, counted=Bits.PACKED, kernels=KERNELS,
+    shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             "sym": Param(bool, True, (False, True))})
 AUTOROUND = Method(
     "autoround", Family.PACKED, "AutoRound (sign-gradient rounding) through auto-round, in GPTQ's format",
-    module="packed", env="autoround", counted=Bits.PACKED, calibrated=True, kernels=KERNELS,
+    module="packed", env="autoround", supports=support.gptqmodel, counted=Bits.PACKED, calibrated=True, kernels=KERNELS,
     shorthand=_width_group_name, spell=_width_group_spelling, example="w4g128",
     params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 128, GROUPS),
             # GPTQModel 7.6 loads an asymmetric GPTQ-format checkpoint only if GPTQModel wrote it
@@ -307,8 +313,8 @@ EETQ = Method(
     example="int8", shorthand=lambda name: {} if name == "int8" else None)
 HQQ = Method(
     "hqq", Family.LOAD_TIME, "HQQ (half-quadratic, calibration-free), quantized after loading by hqq",
-    module="hqq", env="hqq", counted=Bits.IN_MEMORY, shorthand=_width_group_name, spell=_width_group_spelling,
-    example="w4g64",
+    supports=support.hqq, module="hqq", env="hqq", counted=Bits.IN_MEMORY, shorthand=_width_group_name,
+    spell=_width_group_spelling, example="w4g64",
     params={"bits": Param(int, REQUIRED, (2, 3, 4, 8)), "group_size": Param(int, 64, (16, 32, 64, 128, 256))})
 TORCHAO_BITS = {"int8": 8, "int4": 4, "float8": 8}
 TORCHAO = Method(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import architecture, cpu, failures, io
+from . import architecture, cpu, failures, io, support
 from .sources import trusts_remote_code
 
 
@@ -45,6 +45,8 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
         return measured(autoround.quantize(params, hf_dir, calib_ids, out_dir), threads)
     from gptqmodel import BACKEND, GPTQModel
 
+    if problem := support.gptqmodel(hf_dir, io.read_json(Path(hf_dir) / "config.json")):  # a downloaded model
+        raise ValueError(problem)
     calibration = None
     if calib_ids:
         samples = np.load(calib_ids)

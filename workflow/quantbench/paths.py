@@ -53,6 +53,9 @@ DISTRIBUTIONS = f"{RESULTS}/{{model}}/baseline/fp16/distributions.npz"
 SEALED = [RESULTS, f"{RESOURCES}/models", TOOLS]
 DAMAGED = f"{RESULTS}/damaged"
 
+# Where the workflow checks a model's vocabulary converts, once per model files (support.converter)
+CONVERTER_CHECKED = ".snakemake/quantbench/converter-checked"
+
 REPORT_DIR = f"{RESULTS}/report"
 REPORT_DONE = f"{REPORT_DIR}/.complete"  # written by the report rule only, last
 
@@ -67,6 +70,11 @@ def log(step: str, key: str = "") -> str:
 
 def benchmark(step: str, key: str = "") -> str:
     return f"{RESULTS}/benchmarks/{step}/{key or step}.tsv"
+
+
+# The folders of results/ that are the workflow's own, not a model's: no model may be named like one
+RESULTS_FOLDERS = tuple(p.removeprefix(f"{RESULTS}/").split("/")[0] for p in (REPORT_DIR, DAMAGED, log("s"),
+                                                                               benchmark("s")))
 
 
 def cell(pattern: str, model: str, method: str, variant: str) -> str:
