@@ -82,7 +82,8 @@ def gguf_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
             rows.append({
                 "model": row["model"], "type": claim["type"], "claimed_size_ratio": claim["size_ratio"],
                 "measured_size_ratio": row["size_ratio"], "bits_per_weight": row["bits_per_weight"],
-                "claimed_quality": claim["quality"], "delta_ppl_pct": row["delta_ppl_pct"], "kl_mean": row["kl_mean"],
+                "claimed_quality": claim["quality"], "claimed_note": claim["note"], "delta_ppl_pct": row["delta_ppl_pct"],
+                "kl_mean": row["kl_mean"],
                 "verdict": _verdict(None if not measured else size_ok and quality_ok, "; ".join(why)),
             })
     return pd.DataFrame(rows)
@@ -105,7 +106,7 @@ def method_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
     for model, cells in df.groupby("model"):
         base = cells[(cells["method"] == BASELINE.name) & (cells["status"] == "ok")]
         # Methods the usual tables do not name (HQQ, AutoRound, torchao, quanto, ...): measured, nothing to check.
-        unclaimed = [{"method": name, "label": name, "quality_loss": None, "speed": None}
+        unclaimed = [{"method": name, "label": name, "quality_loss": None, "speed": None, "fits": None}
                      for name in cells["method"].unique() if name not in claimed and METHODS[name].family not in
                      (Family.BASELINE, Family.PREQUANTIZED, Family.FINETUNE)]
         for claim in claims["methods"] + unclaimed:
@@ -114,8 +115,8 @@ def method_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
                 continue
             rep = _representative(ok(family))
             entry = {"model": model, "method": claim["label"], "claimed_quality_loss": claim["quality_loss"],
-                     "claimed_speed": claim["speed"], "cell": None, "delta_ppl_pct": None, "speed_vs_fp16": None,
-                     "device": None}
+                     "claimed_speed": claim["speed"], "claimed_fits": claim.get("fits"), "cell": None,
+                     "delta_ppl_pct": None, "speed_vs_fp16": None, "device": None}
             if rep is None:
                 reasons = "; ".join(sorted({f"{r['status']}: {r['error']}" for _, r in family.iterrows()}))
                 rows.append(entry | {"verdict": f"not measured ({reasons})"})
