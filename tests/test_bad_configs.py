@@ -11,11 +11,12 @@ from conftest import REPO, snakemake
 
 CASES = sorted((REPO / "tests" / "bad_configs").glob("*.yaml"))
 CONFIGS = {  # config.json of local models, each named as its architecture names things
-    "llama": {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 176,
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 176,
               "max_position_embeddings": 512},
     "gpt2": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 96, "n_inner": None,
              "n_positions": 1024},
-    "opt": {"architectures": ["OPTForCausalLM"], "hidden_size": 768, "ffn_dim": 3000, "max_position_embeddings": 2048},
+    "opt": {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": 768, "ffn_dim": 3000,
+            "max_position_embeddings": 2048},
     "remote": {"architectures": ["MyForCausalLM"], "hidden_size": 64, "auto_map": {"AutoModelForCausalLM": "my.MyLM"}},
     "bert": {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 64, "max_position_embeddings": 512},
     "olmo": {"architectures": ["OlmoForCausalLM"], "model_type": "olmo", "hidden_size": 64, "intermediate_size": 128,

@@ -178,20 +178,21 @@ def test_each_protocol_gets_its_reference_defaults(protocol, context, stride):
 
 
 def test_k_quants_on_a_model_whose_rows_are_not_multiples_of_256(tmp_path):
-    hf_config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 176}
+    """(A config.json alone: not deep, since llama.cpp's converter would have no vocabulary to convert.)"""
+    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 176}
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     cfg = fresh()
     cfg["models"] = {"small": {"source": "path", "path": str(tmp_path)}}
     cfg["methods"] = {"gguf": cfg["methods"]["gguf"]}
     with pytest.raises(qc.ConfigError, match="divisible by 256, but model 'small' has hidden_size 64") as err:
-        qc.validate(cfg)
+        qc.validate(cfg, deep=False)
     assert err.value.key == "methods.gguf.variants"
     cfg["methods"]["gguf"]["variants"] = ["Q4_0", "Q8_0"]  # legacy types have 32-wide blocks: fine
-    assert len(qc.cells(qc.validate(cfg))) == 3
+    assert len(qc.cells(qc.validate(cfg, deep=False))) == 3
     # SmolLM2's shape: 576-wide rows fall back, 1536-wide rows are k-quantized; the report shows the mix
     (tmp_path / "config.json").write_text(json.dumps(hf_config | {"hidden_size": 576, "intermediate_size": 1536}))
     cfg["methods"]["gguf"]["variants"] = ["Q4_K_M"]
-    assert len(qc.cells(qc.validate(cfg))) == 2
+    assert len(qc.cells(qc.validate(cfg, deep=False))) == 2
 
 
 def test_pins_agree_between_pyproject_and_conda_envs():
@@ -255,8 +256,8 @@ def test_the_method_table_is_the_only_list_of_methods(tmp_path):
 
 
 def test_awq_groups_must_divide_the_model_widths(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
-                                                      "intermediate_size": 1536}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                      "hidden_size": 576, "intermediate_size": 1536}))
     cfg = fresh()
     cfg["models"] = {"small": {"source": "path", "path": str(tmp_path)}}
     cfg["methods"] = {"awq": {"variants": [{"name": "g64", "group_size": 64}, {"name": "g128", "group_size": 128}]}}
@@ -279,7 +280,7 @@ def test_what_earlier_runs_fetched_is_checked_before_any_job(tmp_path, monkeypat
     (converter.parent / "conversion" / "gpt2.py").write_text('@ModelBase.register(\n    "GPT2LMHeadModel",\n)\n')
     opt = tmp_path / "opt"
     opt.mkdir()
-    (opt / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"], "hidden_size": 768,
+    (opt / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": 768,
                                                  "ffn_dim": 3072, "max_position_embeddings": 2048}))
     cfg = fresh()
     cfg["models"]["opt"] = {"source": "path", "path": str(opt)}

@@ -48,8 +48,13 @@ def causal(cfg: dict) -> str | None:
     archs = cfg.get("architectures") or []
     if "AutoModelForCausalLM" in (cfg.get("auto_map") or {}):
         return None
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if cfg.get("model_type") not in CONFIG_MAPPING_NAMES:
+        return (f"transformers {__version__} does not know model_type {cfg.get('model_type')!r} (config.json): the "
+                "model needs a newer transformers, or its own code (auto_map, with trust_remote_code: true)")
     causal_classes = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in (v if isinstance(v, tuple) else [v])}
     if not archs:
         if cfg.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
