@@ -62,10 +62,8 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
     kwargs = {}
     if method == "awq" and not cuda:
         kwargs["backend"] = BACKEND.AWQ_TORCH  # AWQ's default kernels need CUDA
-        if dtype["dtype"] == torch.float32:  # its check refuses float32, though its pack() stores float16 scales from it
-            from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
-
-            AwqTorchLinear.SUPPORTS_DTYPES = [*AwqTorchLinear.SUPPORTS_DTYPES, torch.float32]  # in this child only
+        if dtype["dtype"] == torch.float32:
+            _awq_in_float32()
     model.quantize(calibration, batch_size=1, **kwargs)
     quantize_s = time.perf_counter() - t0
     if not cuda:
@@ -74,6 +72,32 @@ def quantize(method: str, params: dict, hf_dir: str, calib_ids: str | None, out_
         model.save(str(staging))
     return measured({"quantize_s": quantize_s, "quantize_dtype": str(model.model.dtype if cuda else dtype["dtype"])
                      .removeprefix("torch.")}, threads)
+
+
+def _awq_in_float32() -> None:
+    """GPTQModel 7.6's AWQ as it works in float16 and bfloat16, in float32 (this child process only):
+    - its kernel's dtype check refuses float32, though its pack() stores float16 scales from it;
+    - its scale search keeps a master copy of each weight as `w.detach().to(torch.float32).cpu().contiguous()`,
+      which for a contiguous float32 weight on the CPU is the weight itself: every grid point then starts from
+      the last one's quantized weights (ppl 5e6 on SmolLM2). The search is recompiled from its own source with
+      that copy made a copy (`.clone()`), nothing else changed."""
+    import inspect
+    import textwrap
+
+    import torch
+    from gptqmodel.looper import awq_processor
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    AwqTorchLinear.SUPPORTS_DTYPES = [*AwqTorchLinear.SUPPORTS_DTYPES, torch.float32]
+    source = textwrap.dedent(inspect.getsource(awq_processor.AWQProcessor._compute_best_scale))
+    aliasing = "fc.weight.detach().to(torch.float32).cpu().contiguous()"
+    if source.count(aliasing) != 1:
+        raise RuntimeError("GPTQModel's AWQ scale search is not the one quantbench corrects for float32: "
+                           "quantize AWQ on a CPU that computes bfloat16 natively, or on a GPU")
+    namespace = dict(vars(awq_processor))
+    exec(compile(source.replace(aliasing, aliasing.replace(".contiguous()", ".clone()")),  # noqa: S102
+                 awq_processor.__file__, "exec"), namespace)
+    awq_processor.AWQProcessor._compute_best_scale = namespace["_compute_best_scale"]
 
 
 def _unquantized_to(model, dtype) -> None:
