@@ -297,3 +297,10 @@ def test_a_speed_below_its_word_disagrees():
     assert slow["verdict"] == "disagrees: 0.47x FP16's tokens/s on cpu is below 'fast' (≥ 1.0x)"
     fast = claims.method_table(cells(120.0), claims.load()).set_index("method").loc["GGUF"]
     assert fast["verdict"] == "agrees"
+
+
+def test_every_method_has_a_colour_of_its_own():
+    from quantbench import plots
+    from quantbench.methods import METHODS
+
+    assert len({plots.color(m) for m in METHODS}) == len(METHODS)

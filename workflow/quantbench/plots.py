@@ -13,10 +13,12 @@ FIGURES = {"quality": "quality_vs_bpw.png", "size": "size_per_method.png", "spee
 
 
 def color(method: str):
-    """A method's colour, the same in every figure: its place in the method table."""
+    """A method's colour, the same in every figure and no other method's: its place in the method table
+    (tab20 has a colour for each of up to 20 methods)."""
     import matplotlib
 
-    return matplotlib.colormaps["tab10"](list(METHODS).index(method) % 10)
+    assert len(METHODS) <= 20, "more methods than tab20 has colours"
+    return matplotlib.colormaps["tab20"](list(METHODS).index(method))
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -64,8 +66,21 @@ def _label_points(ax, points: pd.DataFrame, x: str, y: str) -> None:
         placed.append(box)
 
 
+def _Plain(**kwargs):
+    """A log axis's tick labels as plain numbers (0.01, 30, 1392.5; not 1e-02 or 1.3925x10^3), on the ticks
+    matplotlib's LogFormatter labels (minor ones only where few decades leave room)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return Plain(**kwargs)
+
+
 def quality(df: pd.DataFrame, path: Path) -> None:
     plt = _pyplot()
+
     ok = df[(df["status"] == "ok") & df["bits_per_weight"].notna()]
     models = sorted(ok["model"].unique())
     metrics = [m for m in ("ppl", "kl_mean") if ok[m].notna().any()]
@@ -86,6 +101,8 @@ def quality(df: pd.DataFrame, path: Path) -> None:
                 ax.step(front["bits_per_weight"], front[metric], where="post", color="black", lw=1, ls="--",
                         label="Pareto front")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_Plain())
+            ax.yaxis.set_minor_formatter(_Plain(minor_thresholds=(2, 0.5)))
             ax.set_xlabel("bits per weight (bpw)")
             ax.set_ylabel("perplexity (lower is better)" if metric == "ppl" else "KL(FP16 ‖ cell), nats/token")
             ax.set_title(f"{model}: {'perplexity' if metric == 'ppl' else 'KL divergence from FP16'} vs size")
