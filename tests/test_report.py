@@ -304,3 +304,35 @@ def test_every_method_has_a_colour_of_its_own():
     from quantbench.methods import METHODS
 
     assert len({plots.color(m) for m in METHODS}) == len(METHODS)
+
+
+def test_best_practices_and_where_families_fit_are_judged_from_the_cells():
+    """The document's best practices and 'where it fits' column, from a CPU run's cells: GGUF generates
+    fastest on the CPU (agrees), GPTQ beats RTN at equal bits and group (agrees), Q4_K_M sits on the front
+    and Q6_K loses less (agrees); with no task and no GPU, the rest say what was not judged."""
+    from quantbench import claims
+
+    def cell(method, variant, ppl, bpw, tg, **more):
+        return {"model": "m", "method": method, "variant": variant, "status": "ok", "ppl": ppl, "bits_per_weight": bpw,
+                "tg_tokens_per_s": tg, "eval_tokens_per_s": 100.0, "device": "cpu", **more}
+
+    df = summary.summarize(pd.DataFrame([
+        cell("baseline", "fp16", 10.0, 16, 15.0, bits=16),
+        cell("gguf", "Q4_K_M", 10.4, 4.9, 150.0, bits=4), cell("gguf", "Q6_K", 10.05, 6.6, 120.0, bits=6),
+        cell("gptq", "w4g128", 10.6, 4.6, 6.0, bits=4, group_size=128),
+        cell("rtn", "w4g128", 11.5, 4.6, 6.5, bits=4, group_size=128),
+        cell("bnb", "nf4", 11.2, 4.5, 25.0, bits=4),
+        cell("qlora", "r8", 10.9, 4.5, 20.0, bits=4, train_loss_first=3.2, train_loss_last=3.0)]))
+    table = claims.load()
+    practices = claims.practices_table(df, table).set_index("practice")["verdict"]
+    by_id = {p["id"]: practices[p["text"]] for p in table["practices"]}
+    assert by_id["level"] == "agrees" and by_id["calibration"] == "agrees"
+    assert by_id["hardware"].startswith("agrees") and "no GPU in this run" in by_id["hardware"]
+    assert by_id["evaluate"].startswith("not judged: no task ran")
+    assert by_id["community"].startswith("not judged")
+    fits = claims.method_table(df, table).set_index("method")["fits_verdict"]
+    assert fits["GGUF"].startswith("agrees") and fits["bitsandbytes"].startswith("agrees")
+    assert fits["GPTQ"].startswith("not judged on a GPU") and "0.04x GGUF's tg128" in fits["GPTQ"]
+    df.loc[df["variant"] == "w4g128", "tg_tokens_per_s"] = 400.0  # GPTQ and RTN faster than GGUF on a CPU
+    practices = claims.practices_table(df, table).set_index("practice")["verdict"]
+    assert practices[table["practices"][3]["text"]].startswith("disagrees: ")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .methods import BASELINE, METHODS, Family
+from .methods import BASELINE, LLAMA_CPP, METHODS, Family
 from .summary import label, ok, peak_mb, weights_in_memory
 
 CLAIMS = Path(__file__).resolve().parent.parent / "references" / "claims.yaml"
@@ -119,7 +119,8 @@ def method_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
                      "delta_ppl_pct": None, "speed_vs_fp16": None, "device": None}
             if rep is None:
                 reasons = "; ".join(sorted({f"{r['status']}: {r['error']}" for _, r in family.iterrows()}))
-                rows.append(entry | {"verdict": f"not measured ({reasons})"})
+                rows.append(entry | {"verdict": f"not measured ({reasons})",
+                                     "fits_verdict": "not measured" if claim.get("fits") else None})
                 continue
             speed = None
             if not base.empty and base.iloc[0]["device"] == rep["device"]:
@@ -140,5 +141,130 @@ def method_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
                            f"(≥ {sbands[claim['speed']]}x)")
             rows.append(entry | {"cell": f"{rep['method']} {rep['variant']}", "delta_ppl_pct": rep["delta_ppl_pct"],
                                  "speed_vs_fp16": speed, "device": rep["device"],
-                                 "verdict": _verdict(quality_ok and speed_ok is not False, "; ".join(why))})
+                                 "verdict": _verdict(quality_ok and speed_ok is not False, "; ".join(why)),
+                                 "fits_verdict": _fits(claim, ok(cells))})
     return pd.DataFrame(rows)
+
+
+GPU_FAMILIES = ("gptq", "awq", "eetq")  # the families the document places on GPUs
+
+
+def _fastest(cells: pd.DataFrame) -> pd.Series:
+    """Each family's best generation speed (tg128, what a user of the model feels) among its cells; every
+    GGUF file (llama.cpp's, AutoRound's, a published one) counts as GGUF."""
+    quantized = cells[~cells["method"].isin([BASELINE.name]) & cells["tg_tokens_per_s"].notna()]
+    family = quantized["method"].map(lambda m: "gguf" if METHODS[m].backend == LLAMA_CPP else m)
+    return quantized.groupby(family)["tg_tokens_per_s"].max().sort_values(ascending=False)
+
+
+def _fits(claim: dict, cells: pd.DataFrame) -> str | None:
+    """Where a family fits, judged on the run's devices: on a CPU, GGUF should generate fastest and the
+    GPU families slower than it; bitsandbytes should train (a QLoRA cell whose loss fell). A GPU claim
+    measured on no GPU says so."""
+    method = claim["method"]
+    if not claim.get("fits"):
+        return None
+    if method == "bnb":
+        trained = cells[(cells["method"] == "qlora") & cells.get("train_loss_last", pd.Series(dtype=float)).notna()]
+        if trained.empty:
+            return "not judged: no QLoRA cell trained in this run"
+        fell = bool((trained["train_loss_last"] < trained["train_loss_first"]).all())
+        return _verdict(fell, "its QLoRA training did not lower the loss") + (
+            f" (QLoRA: loss {trained.iloc[0]['train_loss_first']:.3f} -> {trained.iloc[0]['train_loss_last']:.3f})")
+    cpu = _fastest(cells[cells["device"] == "cpu"])
+    on_gpu = _fastest(cells[cells["device"] != "cpu"])
+    if method not in cpu and method not in on_gpu:
+        return "not judged: no cell of it generated in this run"
+    if method == "gguf":
+        if method not in cpu:
+            return "not judged: no GGUF cell ran on a CPU in this run"
+        return _verdict(cpu.index[0] == "gguf", f"{cpu.index[0]} generated faster on this CPU") + (
+            f" (on this CPU: tg128 {cpu['gguf']:.1f} tok/s, the next family {cpu.iloc[1]:.1f})" if len(cpu) > 1 else "")
+    if method in on_gpu:
+        best = on_gpu.index[0]
+        return _verdict(best in GPU_FAMILIES, f"{best} generated faster on the GPU") + f" (on the GPU: {best} fastest)"
+    if "gguf" in cpu:
+        return (f"not judged on a GPU (none in this run); on this CPU it generates {cpu[method] / cpu['gguf']:.2f}x "
+                "GGUF's tg128, as a GPU format would")
+    return "not judged: no GPU in this run"
+
+
+def practices_table(df: pd.DataFrame, claims: dict) -> pd.DataFrame:
+    """The document's best practices, each judged per model where its cells allow, or said not judged."""
+    rows = []
+    for model, cells in df.groupby("model"):
+        done = ok(cells)
+        for practice in claims["practices"]:
+            measured, verdict = PRACTICES[practice["id"]](done, claims)
+            rows.append({"model": model, "practice": practice["text"], "measured": measured, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def _level(cells: pd.DataFrame, claims: dict):
+    levels = [level["type"] for level in claims["gguf_levels"]]  # llama.cpp's own, without an importance matrix
+    gguf = cells[(cells["method"] == "gguf") & cells["variant"].isin(levels)].set_index("variant")
+    quality = [t for t in ("Q5_K_M", "Q6_K") if t in gguf.index]
+    if "Q4_K_M" not in gguf.index or not quality:
+        return None, "not judged: needs gguf Q4_K_M and Q5_K_M or Q6_K in the matrix"
+    from .plots import pareto_front
+
+    front = pareto_front(gguf.reset_index(), "bits_per_weight", "delta_ppl_pct")
+    q4 = gguf.loc["Q4_K_M"]
+    balanced = "Q4_K_M" in set(front["variant"]) and q4["delta_ppl_pct"] <= claims["quality_bands"]["good"]
+    better = all(gguf.loc[t, "delta_ppl_pct"] < q4["delta_ppl_pct"] for t in quality)
+    measured = f"Q4_K_M ΔPPL {q4['delta_ppl_pct']:+.2f}% at {q4['bits_per_weight']:.2f} bpw; " + ", ".join(
+        f"{t} {gguf.loc[t, 'delta_ppl_pct']:+.2f}% at {gguf.loc[t, 'bits_per_weight']:.2f} bpw" for t in quality)
+    why = [] if balanced else [f"Q4_K_M is not both on the GGUF Pareto front and within 'good' "
+                               f"(≤ {claims['quality_bands']['good']}%)"]
+    why += [] if better else ["Q5/Q6 do not lose less than Q4_K_M"]
+    return measured, _verdict(not why, "; ".join(why))
+
+
+def _calibration(cells: pd.DataFrame, claims: dict):
+    rtn = cells[cells["method"] == "rtn"]
+    pairs = [(c, r) for _, c in cells[cells["method"].isin(["gptq", "awq"])].iterrows() for _, r in rtn.iterrows()
+             if c["bits"] == r["bits"] and c.get("group_size") == r.get("group_size")]
+    if not pairs:
+        return None, "not judged: needs GPTQ or AWQ beside RTN at the same bits and group size"
+    measured = "; ".join(f"{c['method']} {c['variant']} {c['delta_ppl_pct']:+.1f}% vs rtn {r['variant']} "
+                         f"{r['delta_ppl_pct']:+.1f}%" for c, r in pairs)
+    worse = [f"{c['method']} {c['variant']}" for c, r in pairs if c["delta_ppl_pct"] >= r["delta_ppl_pct"]]
+    return measured, _verdict(not worse, f"{', '.join(worse)} no better than round-to-nearest")
+
+
+def _evaluate(cells: pd.DataFrame, claims: dict):
+    tasks = sorted({c.split("_")[1] for c in cells.columns if c.startswith("task_") and cells[c].notna().any()})
+    if not tasks:
+        return "perplexity and KL only", "not judged: no task ran (set eval.tasks to measure task performance)"
+    return f"perplexity, KL and tasks ({', '.join(tasks)})", "agrees: this run measured both"
+
+
+def _hardware(cells: pd.DataFrame, claims: dict):
+    cpu = _fastest(cells[cells["device"] == "cpu"])
+    gpu = _fastest(cells[cells["device"] != "cpu"])
+    parts, why = [], []
+    if len(cpu) > 1:
+        parts.append(f"CPU: fastest tg128 {cpu.index[0]} ({cpu.iloc[0]:.1f} tok/s)")
+        if cpu.index[0] != "gguf":
+            why.append(f"{cpu.index[0]} generated faster than GGUF on the CPU")
+    if len(gpu) > 1:
+        parts.append(f"GPU: fastest tg128 {gpu.index[0]} ({gpu.iloc[0]:.1f} tok/s)")
+        if gpu.index[0] not in ("awq", "gptq"):
+            why.append(f"{gpu.index[0]} generated faster than AWQ/GPTQ on the GPU")
+    if not parts:
+        return None, "not judged: needs several families' speeds on one device"
+    verdict = _verdict(not why, "; ".join(why))
+    return "; ".join(parts), verdict + ("" if len(gpu) > 1 else " (the CPU half; no GPU in this run)")
+
+
+def _community(cells: pd.DataFrame, claims: dict):
+    published = cells[cells["method"].isin(["gguf-file", "checkpoint"])]
+    if published.empty:
+        return None, "not judged: no published file or checkpoint in the matrix (models.<m>.gguf_files, checkpoints)"
+    measured = "; ".join(f"{r['variant']} ΔPPL {r['delta_ppl_pct']:+.2f}%, KL {r['kl_mean']:.4f}"
+                         for _, r in published.iterrows())
+    return measured, "measured; whether to prefer them is the user's call against the cells quantized here"
+
+
+PRACTICES = {"level": _level, "calibration": _calibration, "evaluate": _evaluate, "hardware": _hardware,
+             "community": _community}

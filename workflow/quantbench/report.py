@@ -37,7 +37,8 @@ DISPLAY = {
     "claimed_size_ratio": ("claimed size / FP16", "{:.0%}"), "measured_size_ratio": ("measured size / FP16", "{:.0%}"),
     "claimed_quality": ("claimed quality", None), "claimed_quality_loss": ("claimed quality loss", None),
     "claimed_speed": ("claimed speed", None), "claimed_note": ("claimed note", None),
-    "claimed_fits": ("claimed to fit", None), "speed_vs_fp16": ("speed / FP16", "{:.2f}x"),
+    "claimed_fits": ("claimed to fit", None),
+    "fits_verdict": ("where it fits: verdict", None), "speed_vs_fp16": ("speed / FP16", "{:.2f}x"),
     "decided_by": ("decided by", None), "measured": ("measured", "{:.5g}"), "published": ("published", "{:.5g}"),
     "delta": ("difference", "{:+.4g}"), "delta_pct": ("difference %", "{:+.2f}"),
     "within_tolerance": ("within tolerance", None), "context": ("context", "{:.0f}"),
@@ -91,7 +92,9 @@ def sections(df: pd.DataFrame, models: dict, figures: dict[str, Path], matches: 
         "the measured peak (runtime, activations, logits) as it was on this machine."],
         claims_tables.precision_table(df, claims), level=3))
     out.append(Section("GGUF levels", [], claims_tables.gguf_table(df, claims), level=3))
-    out.append(Section("Method families", [], claims_tables.method_table(df, claims), level=3))
+    out.append(Section("Method families", ["`fits_verdict` judges where the document says each family fits, on "
+                                           "this run's devices."], claims_tables.method_table(df, claims), level=3))
+    out.append(Section("Best practices", [], claims_tables.practices_table(df, claims), level=3))
     out += _gguf_quantizers(df)
     out.append(Section("Selection guide", [
         f"For each model, the best measured cell for each scenario, among that model's cells within ΔPPL ≤ "
