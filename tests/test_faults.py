@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pandas as pd
 import pytest
@@ -89,20 +90,22 @@ def test_damaged_distributions_are_named_and_recomputed(tmp_path, tiny, tiny_ggu
 
 
 def test_a_conversion_llama_cpp_cannot_do_is_a_row_in_a_written_report(tmp_path, tiny, converter):
-    """GPT-2 as transformers 5 saves it has no n_ctx, which llama.cpp's converter reads: its GGUF cells
-    fail at conversion, a shared job. They are rows saying so, the other cells finish, the report is
-    written (replacing the last one, which is no longer current) and the run still fails."""
+    """A model whose vocabulary and config convert (so it passes the check before any job) but holds a tensor
+    llama.cpp's converter cannot map: its GGUF cells fail at conversion, a shared job. They are rows saying
+    so, the other cells finish, the report is written (replacing the last one, which is no longer current)
+    and the run still fails. (What the converter would refuse for a reason the model's files show is refused
+    before any job: tests/test_newcomer_models.py.)"""
+    import torch
     from conftest import share_tools
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from safetensors.torch import load_file, save_file
 
     share_tools(tmp_path, converter)
-    tokenizer = AutoTokenizer.from_pretrained(tiny["hf"])
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=1, n_head=2, n_positions=256,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(gpt2)
-    tokenizer.save_pretrained(gpt2)
-    spec = {"models": {"gpt2": {"source": "path", "path": str(gpt2)}},
+    model = tmp_path / "extra"
+    shutil.copytree(tiny["hf"], model)
+    weights = load_file(model / "model.safetensors")
+    save_file(weights | {"model.extra_adapter.weight": torch.zeros(4, 4, dtype=torch.float16)},
+              model / "model.safetensors", metadata={"format": "pt"})
+    spec = {"models": {"extra": {"source": "path", "path": str(model)}},
             "methods": {"bnb": {"variants": ["int8"]}},
             "eval": {"text": {"text_file": str(tiny["text"])}, "protocol": "gptq", "context": 128, "max_windows": 4}}
     assert snakemake(tmp_path, config=write_config(tmp_path, spec)).returncode == 0
@@ -119,9 +122,9 @@ def test_a_conversion_llama_cpp_cannot_do_is_a_row_in_a_written_report(tmp_path,
     for variant in ("Q8_0", "Q4_0"):
         row = df.loc[("gguf", variant)]
         assert row["status"] == "failed" and row["failed_step"] == "convert", row.to_dict()
-        assert "KeyError: 'n_ctx'" in row["error"]
+        assert "model.extra_adapter.weight" in row["error"]
     md = (summary.parent / "summary.md").read_text()
-    assert re.search(r"\*\*gpt2 gguf Q8_0\*\* failed: convert: .*KeyError: 'n_ctx'", md)
+    assert re.search(r"\*\*extra gguf Q8_0\*\* failed: convert: .*model.extra_adapter.weight", md)
     # That report does not pass for a finished one: the same command tries the failed cells again.
     assert "convert_gguf" in snakemake(tmp_path, "-n", config=cfg).stdout
 

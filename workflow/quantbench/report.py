@@ -238,14 +238,15 @@ def _machine_note(df: pd.DataFrame) -> list[str]:
     and so which path the CPU cells took. A run whose cells saw different CPUs names each."""
     if "cpu" not in df or df["cpu"].isna().all():
         return []
-    lines = []
-    for (name, flags, halves, decided), cells in df.groupby(
+    lines, evaluated = [], df[df["cpu"].notna()]  # a cell that failed before its evaluation records no CPU
+    for (name, flags, halves, decided), cells in evaluated.groupby(
             ["cpu", "cpu_flags", "cpu_native_half", "cpu_half_decided_by"], sort=True, dropna=False):
         halves = json.loads(halves) if isinstance(halves, str) else []
+        flags = json.loads(flags) if isinstance(flags, str) else []
         native = " and ".join(halves) + " natively" if halves else "no half type natively (float32 only)"
         how = "measured" if decided == "measured" else f"as `{decided}` said"
-        where = "" if len(cells) == len(df) else f" ({len(cells)} of the {len(df)} cells)"
-        lines.append(f"**CPU**{where}: {name}, flags {', '.join(json.loads(flags)) or 'none of note'}; it computes "
+        where = "" if len(cells) == len(evaluated) else f" ({len(cells)} of the {len(evaluated)} cells)"
+        lines.append(f"**CPU**{where}: {name}, flags {', '.join(flags) or 'none of note'}; it computes "
                      f"{native} ({how}). CPU cells compute in what it computes natively: the `computes in` column "
                      "says each one's dtype and kernel.")
     return lines
