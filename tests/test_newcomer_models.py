@@ -28,7 +28,7 @@ def zoo(tmp_path_factory, tiny) -> dict:
     out = {}
     for model_type, shape in shapes.items():
         torch.manual_seed(0)
-        config = AutoConfig.for_model(model_type, vocab_size=1280, **shape)
+        config = AutoConfig.for_model(model_type, vocab_size=1280, bos_token_id=1, eos_token_id=2, **shape)
         out[model_type] = root / model_type
         AutoModelForCausalLM.from_config(config).save_pretrained(out[model_type])
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -53,7 +53,8 @@ def refused(tmp_path, converter, model_dir, tiny) -> str:
 def test_a_config_key_the_converter_reads_then_an_unknown_pre_tokenizer(zoo, converter, tiny, tmp_path):
     config = json.loads((zoo["gpt2"] / "config.json").read_text())
     assert "n_ctx" not in config  # transformers 5 writes n_positions alone
-    assert "config.json lacks 'n_ctx'" in refused(tmp_path / "a", converter, zoo["gpt2"], tiny)
+    out = refused(tmp_path / "a", converter, zoo["gpt2"], tiny)
+    assert "config.json lacks 'n_ctx'" in out, out[-2000:]
     (zoo["gpt2"] / "config.json").write_text(json.dumps(config | {"n_ctx": 256}))  # as the message says
     out = refused(tmp_path / "b", converter, zoo["gpt2"], tiny)
     assert "its BPE pre-tokenizer is not one the pinned converter knows (chkhsh " in out
